@@ -1,0 +1,150 @@
+"""The sticky HDP AR-HMM: initialisation, one Gibbs sweep, likelihoods (spec section 3)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import hmm
+from .autoregressive import (
+    ARParams,
+    ARPrior,
+    ar_log_likelihoods,
+    ar_sufficient_stats,
+    init_ar_params,
+    num_lags,
+    sample_ar_params,
+)
+from .transitions import TransitionParams, init_transitions, resample_transitions, transition_counts
+
+#: Incremented each time ``gibbs_step`` is traced (tests assert one trace per shape).
+TRACE_COUNTS = {"arhmm.gibbs_step": 0}
+
+
+class ARHMMHypers(NamedTuple):
+    alpha: jax.Array
+    gamma: jax.Array
+    kappa: jax.Array
+    ar: ARPrior
+
+
+class ARHMMParams(NamedTuple):
+    betas: jax.Array  # (S,)
+    pi: jax.Array  # (S, S)
+    Ab: jax.Array  # (S, P, L*P + 1)
+    Q: jax.Array  # (S, P, P)
+
+    @property
+    def ar(self) -> ARParams:
+        return ARParams(self.Ab, self.Q)
+
+    @property
+    def trans(self) -> TransitionParams:
+        return TransitionParams(self.betas, self.pi)
+
+
+class ARHMMData(NamedTuple):
+    x: jax.Array  # (B, T, P) latent trajectory
+    mask: jax.Array  # (B, T) 1 on real frames
+
+
+class ARHMMState(NamedTuple):
+    params: ARHMMParams
+    z: jax.Array  # (B, T-L) int32, z[b, i] labels frame i + L
+
+
+def label_mask(mask: jax.Array, n_lags: int) -> jax.Array:
+    """Mask of labelled frames L..T-1, as the data dtype."""
+    return mask[:, n_lags:]
+
+
+def masked_log_likes(data: ARHMMData, params: ARHMMParams) -> jax.Array:
+    """Per-frame, per-state AR log-likelihoods, zero on padded frames: (B, T-L, S)."""
+    n_lags = num_lags(params.ar)
+    ll = ar_log_likelihoods(data.x, params.ar)
+    return ll * label_mask(data.mask, n_lags)[..., None].astype(ll.dtype)
+
+
+def sample_z(key: jax.Array, log_likes: jax.Array, pi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """z | x, params by FFBS per segment (spec 3.5). Returns (z (B, N), marginal log-lik (B,))."""
+    keys = jax.random.split(key, log_likes.shape[0])
+    return jax.vmap(hmm.sample_states, in_axes=(0, 0, None))(keys, log_likes, pi)
+
+
+def log_likelihood_terms(z: jax.Array, log_likes: jax.Array, pi: jax.Array, mask: jax.Array) -> dict:
+    """The reference's "z" and "x" terms (spec section 6) for a state path.
+
+    z: sum_{t >= L+1} mask_t log pi[z_{t-1}, z_t];  x: sum_{t >= L} mask_t log N(x_t | AR_{z_t}).
+    """
+    lmask = mask.astype(log_likes.dtype)
+    log_pi = jnp.log(pi)
+    z_term = jnp.sum(log_pi[z[:, :-1], z[:, 1:]] * lmask[:, 1:])
+    x_term = jnp.sum(jnp.take_along_axis(log_likes, z[..., None], axis=-1)[..., 0] * lmask)
+    return {"z": z_term, "x": x_term}
+
+
+def num_states_used(z: jax.Array, mask: jax.Array, num_states: int) -> jax.Array:
+    """Number of states labelling at least one real frame."""
+    usage = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.int32), z.reshape(-1), num_segments=num_states)
+    return jnp.sum(usage > 0)
+
+
+def init_state(key: jax.Array, data: ARHMMData, hypers: ARHMMHypers, num_states: int) -> ARHMMState:
+    """Transitions and AR parameters from the prior, then z by FFBS (spec 2.5), with split keys."""
+    k_trans, k_ar, k_z = jax.random.split(key, 3)
+    dtype = data.x.dtype
+    trans = init_transitions(k_trans, num_states, hypers.alpha, hypers.gamma, hypers.kappa, dtype)
+    ar = init_ar_params(k_ar, num_states, hypers.ar)
+    params = ARHMMParams(trans.betas, trans.pi, ar.Ab, ar.Q)
+    z, _ = sample_z(k_z, masked_log_likes(data, params), params.pi)
+    return ARHMMState(params, z)
+
+
+def resample_params(key: jax.Array, state: ARHMMState, x: jax.Array, mask: jax.Array, hypers: ARHMMHypers) -> ARHMMParams:
+    """(beta, pi) then (Ab, Q) from their conditionals given the current z and x (spec 3.6)."""
+    k_trans, k_ar = jax.random.split(key)
+    params = state.params
+    num_states = params.betas.shape[0]
+    n_lags = num_lags(hypers.ar)
+    lmask = label_mask(mask, n_lags)
+    counts = transition_counts(state.z, lmask, num_states)
+    trans = resample_transitions(k_trans, params.trans, counts, hypers.alpha, hypers.gamma, hypers.kappa)
+    stats = ar_sufficient_stats(x, state.z, mask, num_states, n_lags)
+    ar = sample_ar_params(k_ar, stats, hypers.ar)
+    return ARHMMParams(trans.betas, trans.pi, ar.Ab, ar.Q)
+
+
+def gibbs_step(
+    key: jax.Array, state: ARHMMState, data: ARHMMData, hypers: ARHMMHypers
+) -> tuple[ARHMMState, dict]:
+    """One AR-HMM sweep: parameters from the previous z, then z by FFBS.
+
+    ``info`` holds the per-term log-likelihoods of the new state ("z", "x") and the
+    marginal log-likelihood of x with z summed out ("marginal").
+    """
+    TRACE_COUNTS["arhmm.gibbs_step"] += 1
+    k_params, k_z = jax.random.split(key)
+    params = resample_params(k_params, state, data.x, data.mask, hypers)
+    log_likes = masked_log_likes(data, params)
+    z, marginal = sample_z(k_z, log_likes, params.pi)
+    n_lags = num_lags(hypers.ar)
+    info = log_likelihood_terms(z, log_likes, params.pi, label_mask(data.mask, n_lags))
+    info["marginal"] = jnp.sum(marginal)
+    info["n_used"] = num_states_used(z, label_mask(data.mask, n_lags), params.betas.shape[0])
+    return ARHMMState(params, z), info
+
+
+def posterior_marginals(data: ARHMMData, params: ARHMMParams) -> jax.Array:
+    """Exact p(z_t | x) per segment given the parameters: (B, T-L, S)."""
+    log_likes = masked_log_likes(data, params)
+    return jax.vmap(hmm.smoothed_probs, in_axes=(0, None))(log_likes, params.pi)
+
+
+def predictive_log_likelihoods(data: ARHMMData, params: ARHMMParams) -> jax.Array:
+    """log p(x_t | x_{<t}) per labelled frame of each segment (B, T-L); zero on padding."""
+    log_likes = masked_log_likes(data, params)
+    filt = jax.vmap(hmm.forward_filter, in_axes=(0, None))(log_likes, params.pi)
+    n_lags = num_lags(params.ar)
+    return filt.log_normalizers * label_mask(data.mask, n_lags).astype(log_likes.dtype)

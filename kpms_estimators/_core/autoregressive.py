@@ -1,0 +1,135 @@
+"""AR(L) Gaussian emissions and their matrix-normal-inverse-Wishart conditional (spec 3.2).
+
+Lag vectors are ordered oldest first: xbar_t = [x_{t-L}; ...; x_{t-1}; 1].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+from .distributions import psd_cholesky, psd_inv, sample_mniw
+
+
+class ARParams(NamedTuple):
+    Ab: jax.Array  # (S, P, L*P + 1): [A_k | b_k]
+    Q: jax.Array  # (S, P, P) innovation covariances
+
+
+class ARPrior(NamedTuple):
+    nu_0: jax.Array  # scalar degrees of freedom
+    S_0: jax.Array  # (P, P) IW scale
+    M_0: jax.Array  # (P, L*P + 1) prior mean of Ab
+    K_0: jax.Array  # (L*P + 1, L*P + 1) column covariance of Ab
+
+
+def make_ar_prior(latent_dim: int, n_lags: int, S_0_scale: float, K_0_scale: float, dtype) -> ARPrior:
+    """The reference prior: nu_0 = P + 2, S_0 = S_0_scale I, K_0 = K_0_scale I, M_0 = x_t = x_{t-1}."""
+    lagged = latent_dim * n_lags
+    M_0 = jnp.zeros((latent_dim, lagged + 1), dtype)
+    M_0 = M_0.at[:, lagged - latent_dim : lagged].set(jnp.eye(latent_dim, dtype=dtype))
+    return ARPrior(
+        nu_0=jnp.asarray(latent_dim + 2.0, dtype),
+        S_0=S_0_scale * jnp.eye(latent_dim, dtype=dtype),
+        M_0=M_0,
+        K_0=K_0_scale * jnp.eye(lagged + 1, dtype=dtype),
+    )
+
+
+def num_lags(prior_or_params) -> int:
+    """L, read off static shapes (so it is known at trace time)."""
+    mat = prior_or_params.M_0 if isinstance(prior_or_params, ARPrior) else prior_or_params.Ab[0]
+    latent_dim = mat.shape[0]
+    return (mat.shape[1] - 1) // latent_dim
+
+
+def lagged_features(x: jax.Array, n_lags: int) -> jax.Array:
+    """xbar+_t for t = L..T-1: (..., T-L, L*P + 1), oldest lag first, then a 1."""
+    num_timesteps = x.shape[-2]
+    lags = [x[..., lag : num_timesteps - n_lags + lag, :] for lag in range(n_lags)]
+    ones = jnp.ones(x.shape[:-2] + (num_timesteps - n_lags, 1), x.dtype)
+    return jnp.concatenate(lags + [ones], axis=-1)
+
+
+def ar_log_likelihoods(x: jax.Array, params: ARParams) -> jax.Array:
+    """log N(x_t | A_k xbar_t + b_k, Q_k) for every frame t >= L and state k.
+
+    x: (..., T, P). Returns (..., T-L, S). Not masked.
+    """
+    latent_dim = x.shape[-1]
+    n_lags = num_lags(params)
+    xbar = lagged_features(x, n_lags)
+    target = x[..., n_lags:, :]
+    chol = psd_cholesky(params.Q, 0.0)
+    eye = jnp.eye(latent_dim, dtype=x.dtype)
+    chol_inv = jax.vmap(lambda c: solve_triangular(c, eye, lower=True))(chol)  # (S, P, P)
+    white_coef = chol_inv @ params.Ab  # (S, P, A+1)
+    resid = jnp.einsum("spq,...tq->...tsp", chol_inv, target) - jnp.einsum(
+        "spa,...ta->...tsp", white_coef, xbar
+    )
+    half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)  # (S,)
+    return (
+        -0.5 * jnp.sum(resid**2, axis=-1)
+        - half_logdet
+        - 0.5 * latent_dim * jnp.log(2 * jnp.pi).astype(x.dtype)
+    )
+
+
+class ARStats(NamedTuple):
+    xx: jax.Array  # (S, A+1, A+1) sum xbar+ xbar+^T
+    yx: jax.Array  # (S, P, A+1) sum x_t xbar+^T
+    yy: jax.Array  # (S, P, P) sum x_t x_t^T
+    n: jax.Array  # (S,) frame counts
+
+
+def ar_sufficient_stats(x: jax.Array, z: jax.Array, mask: jax.Array, num_states: int, n_lags: int) -> ARStats:
+    """Per-state regression statistics by a segment-sum over z (O(F (A+1)^2), not O(S F (A+1)^2)).
+
+    x: (B, T, P); z: (B, T-L) labels of frames L..T-1; mask: (B, T).
+    """
+    latent_dim = x.shape[-1]
+    xbar = lagged_features(x, n_lags)
+    target = x[:, n_lags:, :]
+    weight = mask[:, n_lags:].astype(x.dtype)
+    joint = jnp.concatenate([xbar, target], axis=-1).reshape(-1, xbar.shape[-1] + latent_dim)
+    outer = joint[:, :, None] * joint[:, None, :] * weight.reshape(-1)[:, None, None]
+    sums = jax.ops.segment_sum(outer, z.reshape(-1), num_segments=num_states)
+    n = jax.ops.segment_sum(weight.reshape(-1), z.reshape(-1), num_segments=num_states)
+    a1 = xbar.shape[-1]
+    return ARStats(xx=sums[:, :a1, :a1], yx=sums[:, a1:, :a1], yy=sums[:, a1:, a1:], n=n)
+
+
+def mniw_posterior(stats: ARStats, prior: ARPrior):
+    """Posterior (nu_n, S_n, M_n, K_n) of the MNIW regression for every state (spec 3.2)."""
+    K0_inv = psd_inv(prior.K_0)
+    Kn_inv = K0_inv + stats.xx
+    Kn = jax.vmap(psd_inv)(Kn_inv)
+    Mn = (prior.M_0 @ K0_inv + stats.yx) @ Kn
+    Sn = (
+        prior.S_0
+        + stats.yy
+        + prior.M_0 @ K0_inv @ prior.M_0.T
+        - Mn @ Kn_inv @ jnp.swapaxes(Mn, -1, -2)
+    )
+    nun = prior.nu_0 + stats.n
+    return nun, Sn, Mn, Kn
+
+
+def sample_ar_params(key: jax.Array, stats: ARStats, prior: ARPrior) -> ARParams:
+    """(Ab_k, Q_k) ~ MNIW posterior, independently per state; a state without frames draws from the prior."""
+    nun, Sn, Mn, Kn = mniw_posterior(stats, prior)
+    keys = jax.random.split(key, nun.shape[0])
+    Ab, Q = jax.vmap(sample_mniw)(keys, nun, Sn, Mn, Kn)
+    return ARParams(Ab, Q)
+
+
+def init_ar_params(key: jax.Array, num_states: int, prior: ARPrior) -> ARParams:
+    """Independent prior draws Q_k ~ IW(nu_0, S_0), Ab_k | Q_k ~ MN(M_0, Q_k, K_0)."""
+    keys = jax.random.split(key, num_states)
+    Ab, Q = jax.vmap(sample_mniw, in_axes=(0, None, None, None, None))(
+        keys, prior.nu_0, prior.S_0, prior.M_0, prior.K_0
+    )
+    return ARParams(Ab, Q)

@@ -1,0 +1,106 @@
+"""Hidden Markov model message passing in scaled probability space.
+
+All functions act on one segment; vmap them over segments. Frames whose
+log-likelihoods are all zero (padding) are driven only by the transitions.
+The initial state distribution is uniform (model spec 3.5).
+
+Shapes: ``log_likes`` (num_timesteps, num_states), ``trans_probs``
+(num_states, num_states) with rows summing to one.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class FilterResult(NamedTuple):
+    """Forward-filter output for one segment.
+
+    filtered_probs : (num_timesteps, num_states) p(z_t | x_{0:t})
+    log_normalizers : (num_timesteps,) log p(x_t | x_{0:t-1}); their sum is the
+        marginal log-likelihood of the segment.
+    """
+
+    filtered_probs: jax.Array
+    log_normalizers: jax.Array
+
+
+def forward_filter(log_likes: jax.Array, trans_probs: jax.Array) -> FilterResult:
+    """Forward filtering with a uniform initial distribution.
+
+    Predicted probabilities are floored at the smallest normal float of the
+    dtype, so a transition probability that underflowed to zero can never make
+    the normaliser vanish (the reference floors at 1e-15).
+    """
+    num_states = log_likes.shape[-1]
+    tiny = jnp.finfo(log_likes.dtype).tiny
+    initial = jnp.full((num_states,), 1.0 / num_states, log_likes.dtype)
+
+    def step(predicted, ll):
+        shift = jnp.max(ll)
+        weighted = predicted * jnp.exp(ll - shift)
+        norm = jnp.sum(weighted)
+        filtered = weighted / norm
+        next_predicted = jnp.maximum(filtered @ trans_probs, tiny)
+        return next_predicted, (filtered, jnp.log(norm) + shift)
+
+    _, (filtered, log_norms) = jax.lax.scan(step, initial, log_likes)
+    return FilterResult(filtered, log_norms)
+
+
+def _categorical_from_probs(key: jax.Array, weights: jax.Array) -> jax.Array:
+    """Draw an index with probability proportional to non-negative ``weights``."""
+    cdf = jnp.cumsum(weights)
+    u = jax.random.uniform(key, dtype=weights.dtype) * cdf[-1]
+    return jnp.minimum(jnp.sum(cdf <= u), weights.shape[-1] - 1).astype(jnp.int32)
+
+
+def backward_sample(
+    key: jax.Array, filtered_probs: jax.Array, trans_probs: jax.Array
+) -> jax.Array:
+    """Sample a state path from p(z_{0:T-1} | x) given the forward filter.
+
+    z_{T-1} ~ Cat(filtered_{T-1}); z_t ~ Cat(filtered_t * trans_probs[:, z_{t+1}]).
+    """
+    num_timesteps = filtered_probs.shape[0]
+    keys = jax.random.split(key, num_timesteps)
+    last = _categorical_from_probs(keys[-1], filtered_probs[-1])
+
+    def step(next_state, args):
+        k, filt = args
+        state = _categorical_from_probs(k, filt * trans_probs[:, next_state])
+        return state, state
+
+    _, states = jax.lax.scan(step, last, (keys[:-1], filtered_probs[:-1]), reverse=True)
+    return jnp.concatenate([states, last[None]])
+
+
+def smoothed_probs(log_likes: jax.Array, trans_probs: jax.Array) -> jax.Array:
+    """Exact posterior marginals p(z_t | x_{0:T-1}) by forward-backward."""
+    filt = forward_filter(log_likes, trans_probs).filtered_probs
+    num_states = log_likes.shape[-1]
+
+    def step(backward, ll):
+        # backward message for t given the message of t+1 and the likelihood of t+1
+        weighted = backward * jnp.exp(ll - jnp.max(ll))
+        message = trans_probs @ weighted
+        message = message / jnp.sum(message)
+        return message, message
+
+    last = jnp.ones((num_states,), log_likes.dtype)
+    _, messages = jax.lax.scan(step, last, log_likes[1:], reverse=True)
+    backward = jnp.concatenate([messages, last[None]])
+    post = filt * backward
+    return post / jnp.sum(post, axis=-1, keepdims=True)
+
+
+def sample_states(
+    key: jax.Array, log_likes: jax.Array, trans_probs: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Forward filtering, backward sampling. Returns (states, marginal log-likelihood)."""
+    filt = forward_filter(log_likes, trans_probs)
+    states = backward_sample(key, filt.filtered_probs, trans_probs)
+    return states, jnp.sum(filt.log_normalizers)

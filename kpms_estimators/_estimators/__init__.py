@@ -1,0 +1,3 @@
+from .arhmm import ARHMM
+
+__all__ = ["ARHMM"]

@@ -1,0 +1,171 @@
+"""The shared Gibbs loop and scikit-learn contract of every model.
+
+A model subclass fills in a few hooks (sklearn-mixture style):
+
+- ``_min_frames()``: the shortest recording the model accepts;
+- ``_core_data(recordings, batch)``: the core's data pytree for a batch;
+- ``_hypers()``: the core's hyperparameter pytree from the constructor arguments;
+- ``_init_chain(key, data, hypers)``: a fresh chain state;
+- ``_init_states(key, chain, data, hypers)``: new latent states for other data,
+  keeping the chain's parameters (``partial_fit`` on new data);
+- ``_gibbs_step``: a module-level jitted ``(key, state, data, hypers) -> (state, info)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+
+import jax
+import numpy as np
+import xarray as xr
+from scipy import sparse
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.utils import TransformerTags
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+from tqdm.auto import tqdm
+
+from .. import _data
+
+
+@contextmanager
+def float64():
+    """Run the sampler in float64, as the reference does.
+
+    The sticky prior (kappa ~ 1e6) produces transition probabilities and gamma
+    variates far below float32's range, and the sufficient statistics sum over
+    many frames; float64 keeps both exact (model spec 12.1, 12.3). Scoped, so that
+    importing this package never changes JAX's global precision.
+    """
+    with jax.enable_x64(True):
+        yield
+
+
+def _to_numpy(tree):
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _fingerprint(batch: _data.Batch) -> str:
+    """A digest of the batched training data, to tell a continued chain from new data."""
+    digest = hashlib.sha1()
+    for arr in (batch.values, batch.mask, batch.keys, batch.bounds):
+        digest.update(np.ascontiguousarray(arr).tobytes())
+        digest.update(str(arr.shape).encode())
+    return digest.hexdigest()
+
+
+class GibbsEstimator(DensityMixin, BaseEstimator):
+    """Base class owning the Gibbs loop, ``partial_fit`` and the sklearn contract."""
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # ``transform`` gives per-frame features (syllable marginals or latent states)
+        tags.transformer_tags = TransformerTags()
+        return tags
+
+    # -- input handling ---------------------------------------------------
+    def _recordings(self, X, sequence_ids, *, reset: bool) -> _data.Recordings:
+        """Validate any accepted input and return per-recording arrays.
+
+        The 2D path goes through sklearn's ``validate_data`` so that
+        ``n_features_in_`` and its messages follow the sklearn conventions.
+        """
+        if isinstance(X, xr.Dataset) or (isinstance(X, dict) and not sparse.issparse(X)):
+            recordings = _data.from_poses(X, min_length=self._min_frames(), keypoints=self._keypoint_selection())
+            n_features = self._n_features(recordings)
+            if reset:
+                self.n_features_in_ = n_features
+            elif n_features != self.n_features_in_:
+                raise ValueError(
+                    f"X has {n_features} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input."
+                )
+            return recordings
+        X = validate_data(self, X, reset=reset, dtype=np.float64)
+        return _data.from_features(X, sequence_ids, min_length=self._min_frames())
+
+    def _keypoint_selection(self):
+        return None
+
+    def _n_features(self, recordings: _data.Recordings) -> int:
+        return int(np.prod(recordings.arrays[0].shape[1:]))
+
+    def _batch(self, recordings: _data.Recordings) -> _data.Batch:
+        return _data.make_batch(recordings, getattr(self, "seg_length", None))
+
+    # -- fitting ------------------------------------------------------------
+    def fit(self, X, y=None, *, sequence_ids=None):
+        """Fit the model with ``n_iter`` Gibbs sweeps from a fresh initialisation.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_frames, n_features), xarray.Dataset or dict
+            Features with one recording id per frame in ``sequence_ids``, or pose
+            data in the movement layout.
+        y : ignored
+        sequence_ids : array-like of shape (n_frames,), default=None
+            Recording of each row of a 2D ``X``; ``None`` means one recording.
+
+        Returns
+        -------
+        self
+        """
+        for name in [a for a in vars(self) if a.endswith("_") and not a.startswith("__")]:
+            delattr(self, name)
+        return self.partial_fit(X, y, sequence_ids=sequence_ids)
+
+    def partial_fit(self, X, y=None, *, sequence_ids=None):
+        """Run ``n_iter`` more Gibbs sweeps of the same chain (the first call initialises).
+
+        Given the training data again, the chain continues exactly where it
+        stopped. Given other data, the parameters continue and the latent states
+        are drawn afresh from their conditional given the parameters.
+        """
+        first = not hasattr(self, "chain_state_")
+        recordings = self._recordings(X, sequence_ids, reset=first)
+        batch = self._batch(recordings)
+        fingerprint = _fingerprint(batch)
+        with float64():
+            data = self._core_data(recordings, batch)
+            hypers = self._hypers(data)
+            if first:
+                seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
+                key = jax.random.key(seed)
+                key, init_key = jax.random.split(key)
+                chain = self._init_chain(init_key, data, hypers)
+                history: dict[str, list] = {}
+            else:
+                key = jax.random.wrap_key_data(self.rng_key_)
+                chain = self.chain_state_
+                if fingerprint != self._fingerprint_:
+                    key, init_key = jax.random.split(key)
+                    chain = self._init_states(init_key, chain, data, hypers)
+                history = {k: list(v) for k, v in self.log_likelihood_terms_.items()}
+            chain, key = self._run_sweeps(key, chain, data, hypers, history)
+        self.chain_state_ = _to_numpy(chain)
+        self.rng_key_ = np.asarray(jax.random.key_data(key))
+        self._fingerprint_ = fingerprint
+        self.n_iter_ = getattr(self, "n_iter_", 0) + int(self.n_iter)
+        self.log_likelihood_terms_ = {k: np.asarray(v, dtype=np.float64) for k, v in history.items()}
+        self.log_likelihood_history_ = sum(
+            self.log_likelihood_terms_[k] for k in self._likelihood_terms
+        )
+        self._set_fitted_attributes(recordings, batch)
+        return self
+
+    def _run_sweeps(self, key, chain, data, hypers, history):
+        progress = tqdm(range(int(self.n_iter)), disable=not self.verbose, desc=type(self).__name__)
+        for _ in progress:
+            key, step_key = jax.random.split(key)
+            chain, info = self._gibbs_step(step_key, chain, data, hypers)
+            info = {k: float(v) for k, v in info.items()}
+            for name, value in info.items():
+                history.setdefault(name, []).append(value)
+            if self.verbose:
+                total = sum(info[k] for k in self._likelihood_terms)
+                progress.set_postfix(log_lik=f"{total:.4g}", used=int(info.get("n_used", -1)))
+        return chain, key
+
+    def _check_fitted(self):
+        check_is_fitted(self, "chain_state_")

@@ -1,0 +1,21 @@
+"""Plain-text summaries of fitted syllable sequences."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def run_lengths(labels: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of equal consecutive values in a 1D label sequence."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return np.zeros(0, dtype=int)
+    change = np.flatnonzero(np.diff(labels) != 0) + 1
+    edges = np.concatenate([[0], change, [labels.size]])
+    return np.diff(edges)
+
+
+def syllable_durations(sequences) -> np.ndarray:
+    """Run lengths over several recordings' label sequences (runs never cross recordings)."""
+    runs = [run_lengths(seq) for seq in sequences]
+    return np.concatenate(runs) if runs else np.zeros(0, dtype=int)

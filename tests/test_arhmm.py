@@ -1,0 +1,165 @@
+"""ARHMM estimator: recovery, the scikit-learn contract, compilation and reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+from sklearn import config_context
+from sklearn.base import clone
+from sklearn.decomposition import PCA
+from sklearn.model_selection import GridSearchCV, GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from kpms_estimators import ARHMM
+from kpms_estimators._core import arhmm as core
+from kpms_estimators.datasets import simulate_arhmm
+
+
+def matched_accuracy(true, pred) -> float:
+    """One-to-one (Hungarian) matched accuracy between two labelings."""
+    true_ids, true_idx = np.unique(true, return_inverse=True)
+    pred_ids, pred_idx = np.unique(pred, return_inverse=True)
+    confusion = np.zeros((pred_ids.size, true_ids.size))
+    np.add.at(confusion, (pred_idx, true_idx), 1)
+    rows, cols = linear_sum_assignment(-confusion)
+    return confusion[rows, cols].sum() / len(true)
+
+
+@pytest.fixture(scope="module")
+def recovery_data():
+    return simulate_arhmm(n_states=5, n_recordings=5, n_frames=2000, random_state=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(recovery_data):
+    """The default recipe (100 states, default n_iter) on 5 recordings x 2000 frames."""
+    model = ARHMM(random_state=0)
+    return model.fit(recovery_data.X, sequence_ids=recovery_data.sequence_ids)
+
+
+def test_recovers_simulated_syllables(recovery_data, fitted):
+    """Hungarian-matched accuracy of ``predict`` on data drawn from the model itself."""
+    labels = fitted.predict(recovery_data.X, sequence_ids=recovery_data.sequence_ids)
+    accuracy = matched_accuracy(recovery_data.syllables, labels)
+    assert accuracy >= 0.95, accuracy
+    assert fitted.n_iter_ == ARHMM().n_iter
+    assert fitted.log_likelihood_history_.shape == (fitted.n_iter_,)
+    assert np.all(np.isfinite(fitted.log_likelihood_history_))
+    # relabelled by frequency: 0 is the most used syllable
+    assert np.all(np.diff(fitted.syllable_frequencies_) <= 0)
+    counts = np.bincount(labels, minlength=fitted.n_states)
+    assert counts.argmax() == 0
+
+
+def test_predict_proba_and_transform(recovery_data, fitted):
+    X, ids = recovery_data.X[:3000], recovery_data.sequence_ids[:3000]
+    proba = fitted.predict_proba(X, sequence_ids=ids)
+    assert proba.shape == (3000, fitted.n_states)
+    assert proba.dtype == np.float64
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_array_equal(fitted.transform(X, sequence_ids=ids), proba)
+    labels = fitted.predict(X, sequence_ids=ids)
+    np.testing.assert_array_equal(labels, proba.argmax(axis=1))
+    # the first n_lags frames of each recording copy frame n_lags (documented edge padding)
+    start = 2000
+    np.testing.assert_array_equal(proba[start : start + 3], np.repeat(proba[start + 3][None], 3, axis=0))
+
+
+def test_score_is_mean_of_score_samples(recovery_data, fitted):
+    X, ids = recovery_data.X[:4000], recovery_data.sequence_ids[:4000]
+    samples = fitted.score_samples(X, sequence_ids=ids)
+    assert samples.shape == (4000,)
+    assert np.all(samples[[0, 1, 2, 2000, 2001, 2002]] == 0.0)
+    assert fitted.score(X, sequence_ids=ids) == pytest.approx(samples.sum() / (4000 - 2 * 3))
+    # the fitted model explains the data better than a shuffled-time version of it
+    shuffled = X[np.random.default_rng(0).permutation(len(X))]
+    assert fitted.score(X, sequence_ids=ids) > fitted.score(shuffled, sequence_ids=ids) + 1.0
+
+
+def test_reproducible_and_seed_dependent():
+    sim = simulate_arhmm(n_recordings=2, n_frames=300, random_state=3)
+    kwargs = dict(n_states=8, n_iter=4)
+    a = ARHMM(random_state=5, **kwargs).fit(sim.X, sequence_ids=sim.sequence_ids)
+    b = ARHMM(random_state=5, **kwargs).fit(sim.X, sequence_ids=sim.sequence_ids)
+    c = ARHMM(random_state=6, **kwargs).fit(sim.X, sequence_ids=sim.sequence_ids)
+    np.testing.assert_array_equal(a.chain_state_.z, b.chain_state_.z)
+    np.testing.assert_array_equal(a.ar_coefficients_, b.ar_coefficients_)
+    np.testing.assert_array_equal(a.log_likelihood_history_, b.log_likelihood_history_)
+    assert not np.array_equal(a.log_likelihood_history_, c.log_likelihood_history_)
+
+
+def test_partial_fit_continues_the_same_chain():
+    """n sweeps in one call equal k sweeps then n - k more with partial_fit."""
+    sim = simulate_arhmm(n_recordings=2, n_frames=300, random_state=3)
+    X, ids = sim.X, sim.sequence_ids
+    whole = ARHMM(n_states=8, n_iter=6, random_state=1).fit(X, sequence_ids=ids)
+    split = ARHMM(n_states=8, n_iter=2, random_state=1).fit(X, sequence_ids=ids)
+    split.set_params(n_iter=4).partial_fit(X, sequence_ids=ids)
+    assert split.n_iter_ == whole.n_iter_ == 6
+    np.testing.assert_array_equal(split.chain_state_.z, whole.chain_state_.z)
+    np.testing.assert_array_equal(split.chain_state_.params.Ab, whole.chain_state_.params.Ab)
+    np.testing.assert_array_equal(split.log_likelihood_history_, whole.log_likelihood_history_)
+    # partial_fit on other data keeps the parameters' chain going with fresh labels
+    other = simulate_arhmm(n_recordings=1, n_frames=400, random_state=4)
+    split.set_params(n_iter=1).partial_fit(other.X)
+    assert split.n_iter_ == 7
+    assert split.chain_state_.z.shape[0] == 1
+
+
+def test_gibbs_step_compiles_once():
+    sim = simulate_arhmm(n_recordings=2, n_frames=250, random_state=2)
+    model = ARHMM(n_states=7, n_iter=1, random_state=0).fit(sim.X, sequence_ids=sim.sequence_ids)
+    before = core.TRACE_COUNTS["arhmm.gibbs_step"]
+    model.set_params(n_iter=5).partial_fit(sim.X, sequence_ids=sim.sequence_ids)
+    model.set_params(kappa=1e3).partial_fit(sim.X, sequence_ids=sim.sequence_ids)
+    assert core.TRACE_COUNTS["arhmm.gibbs_step"] == before
+    assert model.n_iter_ == 11
+
+
+def test_clone_keeps_params():
+    model = ARHMM(n_states=12, n_lags=2, kappa=3e4, alpha=2.0, gamma=50.0, n_iter=7, random_state=3)
+    assert clone(model).get_params() == model.get_params()
+
+
+def test_pipeline_with_pca():
+    sim = simulate_arhmm(n_recordings=1, n_frames=500, latent_dim=6, random_state=0)
+    pipe = make_pipeline(PCA(3), ARHMM(n_states=6, n_iter=3, random_state=0))
+    labels = pipe.fit(sim.X).predict(sim.X)
+    assert labels.shape == (500,)
+    assert labels.min() >= 0 and labels.max() < 6
+
+
+def test_grid_search_over_kappa_with_group_kfold():
+    """GridSearchCV picks kappa by held-out score, recordings kept whole by GroupKFold.
+
+    ``sequence_ids`` reaches fit and score through scikit-learn's metadata routing.
+    """
+    sim = simulate_arhmm(n_recordings=4, n_frames=300, random_state=5)
+    with config_context(enable_metadata_routing=True):
+        est = ARHMM(n_states=6, n_iter=3, random_state=0)
+        est.set_fit_request(sequence_ids=True).set_score_request(sequence_ids=True)
+        search = GridSearchCV(est, {"kappa": [1e2, 1e6]}, cv=GroupKFold(n_splits=2))
+        search.fit(sim.X, groups=sim.sequence_ids, sequence_ids=sim.sequence_ids)
+    scores = search.cv_results_["mean_test_score"]
+    assert np.all(np.isfinite(scores))
+    assert search.best_params_["kappa"] == [1e2, 1e6][int(np.argmax(scores))]
+    assert search.best_estimator_.n_iter_ == 3
+
+
+TEMPORAL_CONTEXT = (
+    "a temporal model's output for a frame depends on its neighbours and their order in time, so "
+    "predicting on a subset or a permutation of the frames legitimately changes the results"
+)
+
+
+@parametrize_with_checks(
+    [ARHMM(n_states=5, n_iter=2, random_state=0)],
+    expected_failed_checks=lambda est: {
+        "check_methods_sample_order_invariance": TEMPORAL_CONTEXT,
+        "check_methods_subset_invariance": TEMPORAL_CONTEXT,
+    },
+)
+def test_sklearn_contract(estimator, check):
+    check(estimator)
