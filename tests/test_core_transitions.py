@@ -17,10 +17,8 @@ from scipy.special import digamma, polygamma
 from kpms_estimators._core import transitions as tr
 
 NUM_MC = 20_000
-NUM_BERN = 100_000  # draws per sample_bernoulli_sum case (one call on length-NUM_BERN arrays)
 
 # Compiled once per module and shared by the tests (same shapes => a single compile).
-_bernoulli_sum = jax.jit(tr.sample_bernoulli_sum)
 _vmapped_table_counts = jax.jit(jax.vmap(tr.sample_table_counts, in_axes=(0, None, None, None, None)))
 _vmapped_pi = jax.jit(jax.vmap(tr.sample_pi, in_axes=(0, None, None, None, None)))
 _vmapped_betas = jax.jit(jax.vmap(tr.sample_betas, in_axes=(0, None, None, None)), static_argnums=3)
@@ -43,18 +41,6 @@ def bernoulli_sum_pmf(probs: np.ndarray, support: int) -> np.ndarray:
     return pmf
 
 
-def bernoulli_sum_pmf_tiny(probs: np.ndarray, support: int, size: int = 128) -> np.ndarray:
-    """Exact pmf of a sum of many Bernoullis with tiny p_i (max p_i < 1e-4) on
-    0..support-1, by inverting the generating function at ``size`` roots of unity:
-    log prod_i (1 - p_i + p_i w) = sum_r (-1)^(r+1) (sum_i p_i^r) (w - 1)^r / r,
-    truncated at r = 6 (remainder below (2 max p)^6 sum p, i.e. negligible)."""
-    assert probs.max() < 1e-4
-    w = np.exp(2j * np.pi * np.arange(size) / size)
-    log_gf = sum((-1) ** (r + 1) * np.sum(probs**r) * (w - 1) ** r / r for r in range(1, 7))
-    pmf = np.fft.fft(np.exp(log_gf)).real / size  # sum_m G(w_m) w_m^{-k} / size
-    return np.clip(pmf[:support], 0.0, 1.0)  # FFT rounding leaves |error| ~ 1e-17
-
-
 def bernoulli_sum_moments(probs: np.ndarray):
     """Mean, variance and 4th cumulant of a sum of independent Bernoullis."""
     q = probs * (1 - probs)
@@ -73,19 +59,12 @@ def empirical_se_of_variance(samples: np.ndarray, axis=0) -> np.ndarray:
     return np.sqrt(np.maximum(m4 - m2**2, 0.0) / samples.shape[axis])
 
 
-def draw_bernoulli_sum(numer: float, offset: float, n: int, num: int, seed: int) -> np.ndarray:
-    """num independent draws from the core: the sampler is elementwise, so one call
-    on arrays of length num gives num independent draws."""
-    assert num == NUM_BERN
-    with jax.enable_x64(True):
-        out = _bernoulli_sum(
-            jax.random.key(seed),
-            jnp.full((num,), numer, jnp.float64),
-            jnp.full((num,), offset, jnp.float64),
-            jnp.full((num,), n, jnp.int32),
-        )
-        assert out.dtype == jnp.int32
-        return np.asarray(out)
+def pairs_from_counts(counts: np.ndarray, pad: int = 0) -> np.ndarray:
+    """Flat transition ids realising a count matrix (and ``pad`` masked ids S*S)."""
+    s = counts.shape[0]
+    ids = np.repeat(np.arange(s * s), counts.reshape(-1))
+    ids = np.concatenate([ids, np.full(pad, s * s)])
+    return np.random.default_rng(0).permutation(ids).astype(np.int32)
 
 
 # --------------------------------------------------------------------------- #
@@ -115,127 +94,32 @@ def test_transition_counts_matches_loop():
 
 
 # --------------------------------------------------------------------------- #
-# sample_bernoulli_sum
+# sample_table_counts (exact, one Bernoulli per observed transition)
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize(
-    "numer, offset, n",
-    [
-        (0.5, 0.5, 1),  # p_0 = 1: always exactly 1
-        (0.5, 0.5, 40),  # off-diagonal CRP form, exact path
-        (2.0, 2.0, 63),
-        (3.0, 5.0, 64),  # boundary: all 64 terms exact, no tail
-        (0.5, 0.5, 65),  # boundary: one tail term
-    ],
-)
-def test_bernoulli_sum_exact_path_distribution(numer, offset, n):
-    """n <= 64 is drawn exactly: the whole pmf of 100000 draws matches the exact pmf
-    (sequential convolution) within 5 binomial standard errors per value, and mean /
-    variance match sum p_i and sum p_i (1 - p_i) within 5 standard errors. (n = 65 has
-    one Poisson tail term of mean 0.5/64.5; its total-variation error p^2 = 6e-5 is
-    added to the pmf tolerance.)"""
-    num = NUM_BERN
-    draws = draw_bernoulli_sum(numer, offset, n, num, seed=n)
-    probs = bernoulli_probs(numer, offset, n)
-    support = n + 2
-    assert draws.min() >= 0 and draws.max() <= n
-    tv = float(np.sum(probs[tr.EXACT_TABLE_TERMS :] ** 2))
-    pmf = bernoulli_sum_pmf(probs, support)
-    freq = np.bincount(draws, minlength=support)[:support] / num
-    se = np.sqrt(pmf * (1 - pmf) / num)
-    assert np.all(np.abs(freq - pmf) <= 5 * se + tv + 1e-12)
-    mean, var, k4 = bernoulli_sum_moments(probs)
-    assert abs(draws.mean() - mean) <= 5 * np.sqrt(var / num) + 1e-12
-    assert abs(draws.var() - var) <= 5 * se_of_variance(var, k4, num) + 2 * tv + 1e-12
-
-
-def test_bernoulli_sum_sticky_tail():
-    """n >> 64 with kappa-like offset 1e6 (diagonal table counts): every p_i is
-    below 6e-6, so the Poisson tail is accurate to total variation sum p_i^2 < 1e-4.
-    numer = 5 and n = 2e6 make the tail carry almost all of the mean (5 log 3).
-    Mean within 5 standard errors of sum p_i; variance within 5 standard errors
-    (from the exact 4th cumulant) of sum p_i (1 - p_i); pmf within 5 binomial
-    standard errors plus the total-variation bound."""
-    numer, offset, n, num = 5.0, 5.0 + 1e6, 2_000_000, NUM_BERN
-    probs = bernoulli_probs(numer, offset, n)
-    mean, var, k4 = bernoulli_sum_moments(probs)
-    tv = float(np.sum(probs**2))
-    assert tv < 1e-4
-    draws = draw_bernoulli_sum(numer, offset, n, num, seed=1)
-    assert abs(draws.mean() - mean) <= 5 * np.sqrt(var / num)
-    assert abs(draws.var() - var) <= 5 * se_of_variance(var, k4, num) + 2 * tv  # Poisson var bias = sum p^2
-    support = 40
-    pmf = bernoulli_sum_pmf_tiny(probs, support)
-    np.testing.assert_allclose(pmf @ np.arange(support), mean, rtol=1e-9)
-    freq = np.bincount(draws, minlength=support)[:support] / num
-    assert np.all(np.abs(freq - pmf) <= 5 * np.sqrt(pmf * (1 - pmf) / num) + tv + 1e-12)
-
-
-def test_bernoulli_sum_tiny_probabilities():
-    """alpha*beta ~ 0.05 against kappa = 1e6 (the realistic diagonal case): mean
-    0.05 (psi(1e6 + 1e5) - psi(1e6)) ~ 4.8e-3. Mean and variance within 5 standard
-    errors of the exact sums."""
-    numer, offset, n, num = 0.05, 0.05 + 1e6, 100_000, NUM_BERN
-    probs = bernoulli_probs(numer, offset, n)
-    mean, var, k4 = bernoulli_sum_moments(probs)
-    draws = draw_bernoulli_sum(numer, offset, n, num, seed=2)
-    assert abs(draws.mean() - mean) <= 5 * np.sqrt(var / num)
-    assert abs(draws.var() - var) <= 5 * se_of_variance(var, k4, num)
-
-
-def test_bernoulli_sum_crp_tail_is_approximate():
-    """Off-diagonal CRP case numer = offset = 0.5, n = 1000. Terms i >= 64 are drawn
-    as one Poisson with the same mean, so:
-      * the mean is exact: checked within 5 standard errors of sum p_i;
-      * the variance is only approximate: Poisson variance exceeds the Bernoulli
-        variance by sum_{i>=64} p_i^2 (~3.7e-3 of a total ~3.2); checked loosely,
-        within 5 standard errors plus twice that known bias.
-    Also the numpy exact sampler (Bernoulli matrix) agrees with the closed forms,
-    which validates the reference itself."""
-    numer, offset, n, num = 0.5, 0.5, 1000, NUM_BERN
-    probs = bernoulli_probs(numer, offset, n)
-    mean, var, k4 = bernoulli_sum_moments(probs)
-    np.testing.assert_allclose(mean, 1 + numer * (digamma(offset + n) - digamma(offset + 1)), rtol=1e-12)
-    bias = float(np.sum(probs[tr.EXACT_TABLE_TERMS :] ** 2))
-    draws = draw_bernoulli_sum(numer, offset, n, num, seed=3)
-    assert abs(draws.mean() - mean) <= 5 * np.sqrt(var / num)
-    assert abs(draws.var() - var) <= 5 * se_of_variance(var, k4, num) + 2 * bias
-
-    rng = np.random.default_rng(3)
-    exact = np.zeros(20_000, dtype=np.int64)
-    for start in range(0, 20_000, 2_000):
-        exact[start : start + 2_000] = (rng.random((2_000, n)) < probs).sum(axis=1)
-    assert abs(exact.mean() - mean) <= 5 * np.sqrt(var / exact.size)
-    assert abs(draws.mean() - exact.mean()) <= 5 * np.sqrt(var / num + var / exact.size)
-
-
-def test_bernoulli_sum_zero_counts():
-    """n = 0 gives exactly 0 for every numer/offset (including a tail-sized offset)."""
+def _draw_table_counts(counts, betas, alpha, kappa, num, seed, pad=0):
     with jax.enable_x64(True):
-        numer = jnp.tile(jnp.array([0.5, 3.0, 1e-3, 5.0]), NUM_BERN // 4)
-        offset = jnp.tile(jnp.array([0.5, 3.0 + 1e6, 1e-3, 5.0]), NUM_BERN // 4)
-        out = _bernoulli_sum(jax.random.key(0), numer, offset, jnp.zeros(NUM_BERN, jnp.int32))
-        np.testing.assert_array_equal(np.asarray(out), 0)
+        keys = jax.random.split(jax.random.key(seed), num)
+        pairs = jnp.asarray(pairs_from_counts(np.asarray(counts), pad))
+        m = _vmapped_table_counts(keys, pairs, jnp.asarray(betas, jnp.float64), alpha, kappa)
+        assert m.dtype == jnp.int32
+        return np.asarray(m)
 
 
-# --------------------------------------------------------------------------- #
-# sample_table_counts
-# --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("kappa", [50.0, 1e6])
 def test_table_counts_diagonal_and_off_diagonal(kappa):
     """mbar_jj = sum_{i<n_jj} Bern(ab_j / (ab_j + kappa + i)) and
     m_jk = sum_{i<n_jk} Bern(ab_k / (ab_k + i)), ab = alpha beta (spec 3.4).
-    20000 draws (vmap over keys); each cell's mean and variance within 5 standard
-    errors of the exact sums (variance SE from the exact 4th cumulant)."""
+    20000 draws (vmap over keys), with masked (out-of-range) transitions mixed in;
+    each cell's mean and variance within 5 standard errors of the exact sums
+    (variance SE from the exact 4th cumulant), and each cell's whole pmf within 5
+    binomial standard errors of the exact pmf (sequential convolution)."""
     alpha = 5.7
     betas = np.array([0.6, 0.3, 0.1])
     counts = np.array([[200, 3, 0], [5, 100, 70], [1, 0, 300]])
     ab = alpha * betas
     s = len(betas)
-    with jax.enable_x64(True):
-        keys = jax.random.split(jax.random.key(4), NUM_MC)
-        m = _vmapped_table_counts(keys, jnp.asarray(counts, jnp.int32), jnp.asarray(betas), alpha, kappa)
-        assert m.shape == (NUM_MC, s, s)
-        m = np.asarray(m)
+    m = _draw_table_counts(counts, betas, alpha, kappa, NUM_MC, seed=4, pad=37)
+    assert m.shape == (NUM_MC, s, s)
     assert np.all(m >= 0) and np.all(m <= counts)
     assert np.all(m[:, counts == 0] == 0)
     for j in range(s):
@@ -246,8 +130,50 @@ def test_table_counts_diagonal_and_off_diagonal(kappa):
             cell = m[:, j, k]
             assert abs(cell.mean() - mean) <= 5 * np.sqrt(var / NUM_MC) + 1e-12, (j, k, cell.mean(), mean)
             assert abs(cell.var() - var) <= 5 * se_of_variance(var, k4, NUM_MC) + 1e-12, (j, k)
+            support = counts[j, k] + 1
+            pmf = bernoulli_sum_pmf(probs, support)
+            freq = np.bincount(cell, minlength=support)[:support] / NUM_MC
+            assert np.all(np.abs(freq - pmf) <= 5 * np.sqrt(pmf * (1 - pmf) / NUM_MC) + 1e-12), (j, k)
             if j != k and counts[j, k] > 0:
                 assert np.all(cell >= 1)  # the first customer always opens a table
+
+
+def test_table_counts_large_counts_are_exact():
+    """Large counts have no truncation: an off-diagonal CRP cell with n = 1500
+    (ab = 0.5, where a Poisson tail would inflate the variance by sum_{i>=64} p_i^2)
+    and a sticky diagonal with n = 20000 against kappa = 1e6 (tiny p_i). Mean and
+    variance within 5 standard errors of the exact sums; the CRP mean also equals the
+    digamma closed form 1 + ab (psi(ab + n) - psi(ab + 1))."""
+    alpha, kappa, num = 1.0, 1e6, 4000
+    betas = np.array([0.5, 0.5])
+    counts = np.array([[20_000, 1_500], [0, 0]])
+    m = _draw_table_counts(counts, betas, alpha, kappa, num, seed=5)
+    for (j, k), offset in [((0, 1), 0.5), ((0, 0), 0.5 + kappa)]:
+        probs = bernoulli_probs(0.5, offset, counts[j, k])
+        mean, var, k4 = bernoulli_sum_moments(probs)
+        cell = m[:, j, k]
+        assert abs(cell.mean() - mean) <= 5 * np.sqrt(var / num), (j, k)
+        assert abs(cell.var() - var) <= 5 * se_of_variance(var, k4, num), (j, k)
+    crp = bernoulli_probs(0.5, 0.5, 1500)
+    np.testing.assert_allclose(crp.sum(), 1 + 0.5 * (digamma(0.5 + 1500) - digamma(1.5)), rtol=1e-12)
+
+
+def test_table_counts_zero_counts():
+    """No transitions (all masked) give exactly zero tables."""
+    m = _draw_table_counts(np.zeros((4, 4), int), np.full(4, 0.25), 5.7, 1e6, 100, seed=0, pad=50)
+    np.testing.assert_array_equal(m, 0)
+
+
+def test_transition_pairs_and_counts_agree():
+    """transition_pairs drops masked destinations; counts_from_pairs inverts pairs_from_counts."""
+    counts = np.array([[3, 1], [0, 2]])
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(
+            np.asarray(tr.counts_from_pairs(jnp.asarray(pairs_from_counts(counts, pad=5)), 2)), counts
+        )
+        z = jnp.asarray([[0, 0, 1, 1, 0]], jnp.int32)
+        mask = jnp.asarray([[1, 1, 1, 0, 1]])
+        np.testing.assert_array_equal(np.asarray(tr.transition_pairs(z, mask, 2)), [0, 1, 4, 2])
 
 
 # --------------------------------------------------------------------------- #

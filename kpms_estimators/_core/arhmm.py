@@ -17,7 +17,7 @@ from .autoregressive import (
     num_lags,
     sample_ar_params,
 )
-from .transitions import TransitionParams, init_transitions, resample_transitions, transition_counts
+from .transitions import TransitionParams, init_transitions, resample_transitions, transition_pairs
 
 #: Incremented each time ``gibbs_step`` is traced (tests assert one trace per shape).
 TRACE_COUNTS = {"arhmm.gibbs_step": 0}
@@ -69,8 +69,8 @@ def masked_log_likes(data: ARHMMData, params: ARHMMParams) -> jax.Array:
 
 def sample_z(key: jax.Array, log_likes: jax.Array, pi: jax.Array) -> tuple[jax.Array, jax.Array]:
     """z | x, params by FFBS per segment (spec 3.5). Returns (z (B, N), marginal log-lik (B,))."""
-    keys = jax.random.split(key, log_likes.shape[0])
-    return jax.vmap(hmm.sample_states, in_axes=(0, 0, None))(keys, log_likes, pi)
+    u = jax.random.uniform(key, log_likes.shape[:2], log_likes.dtype)
+    return jax.vmap(hmm.sample_states_from_uniforms, in_axes=(0, 0, None))(u, log_likes, pi)
 
 
 def log_likelihood_terms(z: jax.Array, log_likes: jax.Array, pi: jax.Array, mask: jax.Array) -> dict:
@@ -109,8 +109,8 @@ def resample_params(key: jax.Array, state: ARHMMState, x: jax.Array, mask: jax.A
     num_states = params.betas.shape[0]
     n_lags = num_lags(hypers.ar)
     lmask = label_mask(mask, n_lags)
-    counts = transition_counts(state.z, lmask, num_states)
-    trans = resample_transitions(k_trans, params.trans, counts, hypers.alpha, hypers.gamma, hypers.kappa)
+    pairs = transition_pairs(state.z, lmask, num_states)
+    trans = resample_transitions(k_trans, params.trans, pairs, hypers.alpha, hypers.gamma, hypers.kappa)
     stats = ar_sufficient_stats(x, state.z, mask, num_states, n_lags)
     ar = sample_ar_params(k_ar, stats, hypers.ar)
     return ARHMMParams(trans.betas, trans.pi, ar.Ab, ar.Q)

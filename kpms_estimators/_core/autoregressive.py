@@ -60,19 +60,19 @@ def ar_log_likelihoods(x: jax.Array, params: ARParams) -> jax.Array:
     x: (..., T, P). Returns (..., T-L, S). Not masked.
     """
     latent_dim = x.shape[-1]
+    num_states = params.Ab.shape[0]
     n_lags = num_lags(params)
-    xbar = lagged_features(x, n_lags)
-    target = x[..., n_lags:, :]
+    joint = jnp.concatenate([x[..., n_lags:, :], lagged_features(x, n_lags)], axis=-1)
     chol = psd_cholesky(params.Q, 0.0)
     eye = jnp.eye(latent_dim, dtype=x.dtype)
     chol_inv = jax.vmap(lambda c: solve_triangular(c, eye, lower=True))(chol)  # (S, P, P)
-    white_coef = chol_inv @ params.Ab  # (S, P, A+1)
-    resid = jnp.einsum("spq,...tq->...tsp", chol_inv, target) - jnp.einsum(
-        "spa,...ta->...tsp", white_coef, xbar
-    )
+    # whitened residual L_k^{-1} (x_t - Ab_k xbar_t) as ONE matmul with [L^-1 | -L^-1 Ab]
+    whiten = jnp.concatenate([chol_inv, -(chol_inv @ params.Ab)], axis=-1)  # (S, P, F)
+    whiten = jnp.swapaxes(whiten, 0, 1).reshape(latent_dim * num_states, -1)  # rows (p, s)
+    resid = (joint @ whiten.T).reshape(joint.shape[:-1] + (latent_dim, num_states))
     half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)  # (S,)
     return (
-        -0.5 * jnp.sum(resid**2, axis=-1)
+        -0.5 * jnp.sum(resid**2, axis=-2)
         - half_logdet
         - 0.5 * latent_dim * jnp.log(2 * jnp.pi).astype(x.dtype)
     )

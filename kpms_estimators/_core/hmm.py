@@ -51,10 +51,10 @@ def forward_filter(log_likes: jax.Array, trans_probs: jax.Array) -> FilterResult
     return FilterResult(filtered, log_norms)
 
 
-def _categorical_from_probs(key: jax.Array, weights: jax.Array) -> jax.Array:
-    """Draw an index with probability proportional to non-negative ``weights``."""
+def _categorical_from_uniform(u: jax.Array, weights: jax.Array) -> jax.Array:
+    """The index with probability proportional to non-negative ``weights``, by inversion of ``u``."""
     cdf = jnp.cumsum(weights)
-    u = jax.random.uniform(key, dtype=weights.dtype) * cdf[-1]
+    u = u.astype(weights.dtype) * cdf[-1]
     return jnp.minimum(jnp.sum(cdf <= u), weights.shape[-1] - 1).astype(jnp.int32)
 
 
@@ -65,16 +65,22 @@ def backward_sample(
 
     z_{T-1} ~ Cat(filtered_{T-1}); z_t ~ Cat(filtered_t * trans_probs[:, z_{t+1}]).
     """
-    num_timesteps = filtered_probs.shape[0]
-    keys = jax.random.split(key, num_timesteps)
-    last = _categorical_from_probs(keys[-1], filtered_probs[-1])
+    u = jax.random.uniform(key, filtered_probs.shape[:1], filtered_probs.dtype)
+    return backward_sample_from_uniforms(u, filtered_probs, trans_probs)
+
+
+def backward_sample_from_uniforms(
+    u: jax.Array, filtered_probs: jax.Array, trans_probs: jax.Array
+) -> jax.Array:
+    """``backward_sample`` driven by one U(0, 1) variate per frame, ``u`` of shape (T,)."""
+    last = _categorical_from_uniform(u[-1], filtered_probs[-1])
 
     def step(next_state, args):
-        k, filt = args
-        state = _categorical_from_probs(k, filt * trans_probs[:, next_state])
+        u_t, filt = args
+        state = _categorical_from_uniform(u_t, filt * trans_probs[:, next_state])
         return state, state
 
-    _, states = jax.lax.scan(step, last, (keys[:-1], filtered_probs[:-1]), reverse=True)
+    _, states = jax.lax.scan(step, last, (u[:-1], filtered_probs[:-1]), reverse=True)
     return jnp.concatenate([states, last[None]])
 
 
@@ -101,6 +107,14 @@ def sample_states(
     key: jax.Array, log_likes: jax.Array, trans_probs: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Forward filtering, backward sampling. Returns (states, marginal log-likelihood)."""
+    u = jax.random.uniform(key, log_likes.shape[:1], log_likes.dtype)
+    return sample_states_from_uniforms(u, log_likes, trans_probs)
+
+
+def sample_states_from_uniforms(
+    u: jax.Array, log_likes: jax.Array, trans_probs: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``sample_states`` driven by one U(0, 1) variate per frame (vmap-friendly: one draw for all segments)."""
     filt = forward_filter(log_likes, trans_probs)
-    states = backward_sample(key, filt.filtered_probs, trans_probs)
+    states = backward_sample_from_uniforms(u, filt.filtered_probs, trans_probs)
     return states, jnp.sum(filt.log_normalizers)

@@ -11,71 +11,61 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import digamma
 
-from .distributions import sample_log_dirichlet, sample_poisson
-
-#: Bernoulli terms of a table count drawn exactly; the rest by a Poisson whose
-#: total-variation error is below (alpha*beta)^2 * trigamma(b + EXACT_TABLE_TERMS).
-EXACT_TABLE_TERMS = 64
-
+from .distributions import sample_log_dirichlet, uniforms
 
 class TransitionParams(NamedTuple):
     betas: jax.Array  # (S,) global state weights
     pi: jax.Array  # (S, S) transition matrix, rows sum to one
 
 
+def transition_pairs(z: jax.Array, mask: jax.Array, num_states: int) -> jax.Array:
+    """Flat ids j * S + k of the transitions z_{b,t-1} = j -> z_{b,t} = k.
+
+    z: (B, N) int labels; mask: (B, N) labels' frame mask, applied at the
+    destination. Masked transitions get the out-of-range id S * S, which
+    ``jax.ops.segment_sum`` drops. Transitions never cross segments.
+    """
+    pairs = z[:, :-1] * num_states + z[:, 1:]
+    return jnp.where(mask[:, 1:] > 0, pairs, num_states**2).reshape(-1)
+
+
 def transition_counts(z: jax.Array, mask: jax.Array, num_states: int) -> jax.Array:
-    """n_jk = #{(b, t): z_{b,t-1} = j, z_{b,t} = k, mask_{b,t}} with the mask at the destination.
-
-    z: (B, N) int labels; mask: (B, N) labels' frame mask.
-    """
-    src = z[:, :-1].reshape(-1)
-    dst = z[:, 1:].reshape(-1)
-    weight = mask[:, 1:].reshape(-1).astype(jnp.int32)
-    flat = jax.ops.segment_sum(weight, src * num_states + dst, num_segments=num_states**2)
-    return flat.reshape(num_states, num_states)
+    """n_jk = #{(b, t): z_{b,t-1} = j, z_{b,t} = k, mask_{b,t}} with the mask at the destination."""
+    return counts_from_pairs(transition_pairs(z, mask, num_states), num_states)
 
 
-def sample_bernoulli_sum(
-    key: jax.Array, numer: jax.Array, offset: jax.Array, counts: jax.Array
-) -> jax.Array:
-    """Draw sum_{i < n} Bernoulli(numer / (offset + i)), elementwise over arrays.
-
-    The first ``EXACT_TABLE_TERMS`` terms are drawn exactly; the sum of the remaining
-    terms (rare, tiny probabilities) is drawn as a Poisson with the same mean,
-    numer * (digamma(offset + n) - digamma(offset + cap)).
-    """
-    k_exact, k_tail = jax.random.split(key)
-    dtype = numer.dtype
-    i = jnp.arange(EXACT_TABLE_TERMS, dtype=dtype)
-    probs = numer[..., None] / (offset[..., None] + i)
-    u = jax.random.uniform(k_exact, probs.shape, dtype=dtype)
-    active = i < counts[..., None]
-    exact = jnp.sum((u < probs) & active, axis=-1)
-    has_tail = counts > EXACT_TABLE_TERMS
-    safe_n = jnp.where(has_tail, counts, EXACT_TABLE_TERMS + 1).astype(dtype)
-    tail_mean = numer * (digamma(offset + safe_n) - digamma(offset + EXACT_TABLE_TERMS))
-    tail_mean = jnp.where(has_tail, jnp.maximum(tail_mean, 0.0), 0.0)
-    tail = sample_poisson(k_tail, tail_mean)
-    return exact.astype(jnp.int32) + jnp.where(has_tail, tail, 0)
+def counts_from_pairs(pairs: jax.Array, num_states: int) -> jax.Array:
+    """The (S, S) count matrix of flat transition ids (out-of-range ids ignored)."""
+    ones = jnp.ones(pairs.shape, jnp.int32)
+    return jax.ops.segment_sum(ones, pairs, num_segments=num_states**2).reshape(num_states, num_states)
 
 
-def sample_table_counts(
-    key: jax.Array, counts: jax.Array, betas: jax.Array, alpha, kappa
-) -> jax.Array:
-    """Override-corrected table counts mbar_jk (Fox et al. 2011; spec 3.4 steps 1-2).
+def sample_table_counts(key: jax.Array, pairs: jax.Array, betas: jax.Array, alpha, kappa) -> jax.Array:
+    """Override-corrected table counts mbar_jk (Fox et al. 2011; spec 3.4 steps 1-2), exactly.
 
-    Off the diagonal m_jk = sum_{i<n_jk} Bern(ab_k / (ab_k + i)). On the diagonal the
-    Binomial override thinning folds into the same form:
-    mbar_jj = sum_{i<n_jj} Bern(ab_j / (ab_j + kappa + i)), with ab = alpha * beta.
+    m_jk = sum_{i < n_jk} Bern(ab_k / (ab_k + i)) off the diagonal; on the diagonal
+    the Binomial override thinning folds into mbar_jj = sum_{i < n_jj}
+    Bern(ab_j / (ab_j + kappa + i)), with ab = alpha * beta. Each observed
+    transition is one customer: its rank i among the transitions with the same
+    (j, k) (any order will do, the terms are independent) comes from a sort, so
+    the draw costs one uniform per frame and no truncation of large counts.
     """
     num_states = betas.shape[0]
-    ab = alpha * betas
-    eye = jnp.eye(num_states, dtype=bool)
-    numer = jnp.broadcast_to(ab[None, :], (num_states, num_states))
-    offset = numer + jnp.where(eye, kappa, 0.0).astype(betas.dtype)
-    return sample_bernoulli_sum(key, numer, offset, counts)
+    dtype = betas.dtype
+    order = jnp.argsort(pairs)
+    ranked = pairs[order]
+    first = jnp.searchsorted(ranked, ranked, side="left")
+    rank = (jnp.arange(ranked.shape[0]) - first).astype(dtype)
+    valid = ranked < num_states**2
+    safe = jnp.where(valid, ranked, 0)
+    src, dst = safe // num_states, safe % num_states
+    ab = alpha * betas[dst]
+    prob = ab / (ab + jnp.where(src == dst, kappa, 0.0).astype(dtype) + rank)
+    (u,) = uniforms(key, ranked.shape, dtype=dtype)
+    tables = ((u < prob) & valid).astype(jnp.int32)
+    flat = jax.ops.segment_sum(tables, ranked, num_segments=num_states**2)
+    return flat.reshape(num_states, num_states)
 
 
 def sample_betas(key: jax.Array, table_counts: jax.Array, gamma, dtype) -> jax.Array:
@@ -95,24 +85,24 @@ def sample_pi(key: jax.Array, counts: jax.Array, betas: jax.Array, alpha, kappa)
 
 
 def resample_transitions(
-    key: jax.Array, params: TransitionParams, counts: jax.Array, alpha, gamma, kappa
+    key: jax.Array, params: TransitionParams, pairs: jax.Array, alpha, gamma, kappa
 ) -> TransitionParams:
-    """One draw of (beta, pi) from their conditionals given transition counts n_jk."""
+    """One draw of (beta, pi) from their conditionals given the transitions (flat ids, see ``transition_pairs``)."""
     k_m, k_beta, k_pi = jax.random.split(key, 3)
-    table_counts = sample_table_counts(k_m, counts, params.betas, alpha, kappa)
+    num_states = params.betas.shape[0]
+    table_counts = sample_table_counts(k_m, pairs, params.betas, alpha, kappa)
     betas = sample_betas(k_beta, table_counts, gamma, params.betas.dtype)
-    pi = sample_pi(k_pi, counts, betas, alpha, kappa)
+    pi = sample_pi(k_pi, counts_from_pairs(pairs, num_states), betas, alpha, kappa)
     return TransitionParams(betas, pi)
 
 
 def init_transitions(key: jax.Array, num_states: int, alpha, gamma, kappa, dtype) -> TransitionParams:
     """Draw (beta, pi) from the prior (spec 2.5.3), then smooth pi with float32's tiny."""
-    k_init, k_sweep = jax.random.split(key)
+    k_beta, k_pi = jax.random.split(key)
     conc = jnp.full((num_states,), gamma / num_states, dtype)
-    betas = jnp.exp(sample_log_dirichlet(k_init, conc))
-    zeros = jnp.zeros((num_states, num_states), jnp.int32)
-    params = resample_transitions(k_sweep, TransitionParams(betas, betas), zeros, alpha, gamma, kappa)
-    pi = params.pi + jnp.finfo(jnp.float32).tiny
+    betas = jnp.exp(sample_log_dirichlet(k_beta, conc))
+    pi = sample_pi(k_pi, jnp.zeros((num_states, num_states), jnp.int32), betas, alpha, kappa)
+    pi = pi + jnp.finfo(jnp.float32).tiny
     # floor after normalising: in float32, tiny / rowsum rounds to a (flushed) subnormal
     pi = jnp.maximum(pi / jnp.sum(pi, axis=-1, keepdims=True), jnp.finfo(dtype).tiny)
-    return TransitionParams(params.betas, pi)
+    return TransitionParams(betas, pi)

@@ -154,6 +154,10 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
         self._set_fitted_attributes(recordings, batch)
         return self
 
+    def fit_transform(self, X, y=None, *, sequence_ids=None):
+        """``fit`` then ``transform`` on the same data (same ``sequence_ids``)."""
+        return self.fit(X, y, sequence_ids=sequence_ids).transform(X, sequence_ids=sequence_ids)
+
     def _run_sweeps(self, key, chain, data, hypers, history):
         progress = tqdm(range(int(self.n_iter)), disable=not self.verbose, desc=type(self).__name__)
         for _ in progress:
