@@ -38,14 +38,17 @@ def main() -> None:
 
     sim = simulate_arhmm(n_recordings=args.recordings, n_frames=args.frames, latent_dim=4, n_lags=3,
                          random_state=0)
-    model = ARHMM(n_states=args.states, n_lags=3, n_iter=1, random_state=0)
-    model.fit(sim.X, sequence_ids=sim.sequence_ids)  # initialisation and one sweep
-    recordings = model._recordings(sim.X, sim.sequence_ids, reset=False)
+    model = ARHMM(n_states=args.states, n_lags=3, random_state=0)
+    recordings = model._recordings(sim.X, sim.sequence_ids, reset=True)
     batch = model._batch(recordings)
     with float64():
         data = model._core_data(recordings, batch)
         hypers = model._hypers(data)
-        state = jax.tree_util.tree_map(jax.numpy.asarray, model.chain_state_)
+        init = jax.jit(core.init_state, static_argnums=3)
+        start = time.perf_counter()
+        init_compiled = init.lower(jax.random.key(0), data, hypers, args.states).compile()
+        init_compile_s = time.perf_counter() - start
+        state = init_compiled(jax.random.key(0), data, hypers)
         step = jax.jit(core.gibbs_step)
         key = jax.random.key(1)
         start = time.perf_counter()
@@ -61,6 +64,7 @@ def main() -> None:
         "data": f"{args.recordings} x {args.frames} frames, 4 features, 3 lags, {args.states} states",
         "segments": list(data.x.shape),
         "compile_s": round(compile_s, 3),
+        "init_compile_s": round(init_compile_s, 3),
         "steady_s_per_sweep_median": round(float(np.median(times[1:])), 4),
         "repeats": args.repeats,
         "jax": jax.__version__,
