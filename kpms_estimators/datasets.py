@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import xarray as xr
 from sklearn.utils import Bunch, check_random_state
+
+from ._core.keypoints import centring_embedding
 
 
 def _stable_rotation(rng: np.random.Generator, dim: int, decay: float) -> np.ndarray:
@@ -103,3 +106,110 @@ def simulate_arhmm(
         Q=Q,
         pi=pi,
     )
+
+
+def _body_template(n_keypoints: int, n_dims: int, length: float) -> np.ndarray:
+    """A resting mouse-like pose (K, D): keypoints along a gently curved spine, nose at +x."""
+    u = np.linspace(0.5, -0.5, n_keypoints)
+    pose = np.zeros((n_keypoints, n_dims))
+    pose[:, 0] = length * u
+    pose[:, 1] = 0.08 * length * np.sin(np.pi * np.arange(n_keypoints) / 2.0)
+    if n_dims == 3:
+        pose[:, 2] = 0.1 * length * (1 - 4 * u**2)
+    return pose - pose.mean(axis=0)
+
+
+def simulate_keypoints(
+    n_keypoints: int = 10,
+    n_dims: int = 2,
+    n_states: int = 5,
+    latent_dim: int = 4,
+    n_lags: int = 3,
+    n_recordings: int = 4,
+    n_frames: int = 3000,
+    mean_duration: float = 20.0,
+    body_length: float = 40.0,
+    pose_scale: float = 2.0,
+    sigmasq_loc: float = 0.5,
+    nu_s: float = 5.0,
+    noise_slope: float = -0.5,
+    noise_intercept: float = 0.25,
+    random_state=None,
+) -> Bunch:
+    """Draw keypoint recordings from the keypoint SLDS (model spec 4.1).
+
+    The latent pose x and the syllables come from :func:`simulate_arhmm`. The
+    emission [C | d] maps x to an embedded pose around a mouse-like body template
+    (``d``) with ``C`` of column norm ``pose_scale``. The centroid follows the
+    model's random walk with variance ``sigmasq_loc``; the heading, which the model
+    leaves uniform and independent per frame, is drawn as a slowly turning walk
+    (a draw within the model's support that looks like an animal). Confidences
+    are Beta(8, 1.5) draws; the noise prior s0 follows from them as in spec 2.1,
+    s_tk ~ ScaledInvChi2(nu_s, s0_tk), and y_tk ~ N(R(h_t) yhat_tk + v_t, s_tk I).
+
+    Parameters
+    ----------
+    n_keypoints, n_dims : int
+        K keypoints in D = 2 or 3 dimensions.
+    n_states, latent_dim, n_lags, n_recordings, n_frames, mean_duration :
+        As in :func:`simulate_arhmm`.
+    body_length, pose_scale : float
+        Size of the body template and of the pose changes, in coordinate units.
+    sigmasq_loc, nu_s, noise_slope, noise_intercept : float
+        Model hyperparameters used to draw v and s (spec 2.1, 2.6, 4.1).
+    random_state : int, RandomState instance or None
+
+    Returns
+    -------
+    Bunch with
+        poses : xarray.Dataset per recording ``{"rec0": ...}`` in the movement layout
+            (``position`` (time, space, keypoints), ``confidence`` (time, keypoints));
+        syllables, heading : dict of (n_frames,) arrays; centroid : dict of (n_frames, D);
+        latent : dict of (n_frames, latent_dim) arrays; keypoints : list of names;
+        Cd : ((K-1) * D, latent_dim + 1) emission; plus ``Ab``, ``Q``, ``pi`` of the AR-HMM.
+    """
+    if n_dims not in (2, 3) or n_keypoints < 2 or latent_dim > (n_keypoints - 1) * n_dims:
+        raise ValueError(
+            f"need n_dims in (2, 3), n_keypoints >= 2 and latent_dim <= (K-1)*D; got {n_dims=}, "
+            f"{n_keypoints=}, {latent_dim=}"
+        )
+    seed = check_random_state(random_state).randint(2**31 - 1)
+    arhmm = simulate_arhmm(n_states, latent_dim, n_lags, n_recordings, n_frames, mean_duration, random_state=seed)
+    rng = np.random.default_rng(seed + 1)
+    gamma = centring_embedding(n_keypoints)
+    d = (gamma.T @ _body_template(n_keypoints, n_dims, body_length)).reshape(-1)
+    C = rng.normal(size=(d.size, latent_dim))
+    C *= pose_scale / np.linalg.norm(C, axis=0)
+    names = ["nose"] + [f"spine{i}" for i in range(1, n_keypoints - 1)] + ["tail_base"]
+    space = ["x", "y", "z"][:n_dims]
+    out = Bunch(poses={}, syllables={}, heading={}, centroid={}, latent={}, keypoints=names,
+                Cd=np.concatenate([C, d[:, None]], axis=1), Ab=arhmm.Ab, Q=arhmm.Q, pi=arhmm.pi)
+    for r in range(n_recordings):
+        rows = arhmm.sequence_ids == r
+        x = arhmm.X[rows]
+        flat = x @ C.T + d
+        yhat = np.einsum("kj,tjd->tkd", gamma, flat.reshape(n_frames, n_keypoints - 1, n_dims))
+        h = np.angle(np.exp(1j * (rng.uniform(-np.pi, np.pi) + np.cumsum(rng.normal(0, 0.05, n_frames)))))
+        v = np.cumsum(rng.normal(0, np.sqrt(sigmasq_loc), (n_frames, n_dims)), axis=0)
+        v[:, :2] += rng.uniform(-100, 100, 2)
+        conf = rng.beta(8.0, 1.5, size=(n_frames, n_keypoints))
+        s0 = 10.0 ** (2.0 * (noise_slope * np.log10(conf + 1e-6) + noise_intercept))
+        s = nu_s * s0 / rng.chisquare(nu_s, size=s0.shape)
+        cos, sin = np.cos(h)[:, None], np.sin(h)[:, None]
+        world = yhat.copy()
+        world[..., 0] = cos * yhat[..., 0] - sin * yhat[..., 1]
+        world[..., 1] = sin * yhat[..., 0] + cos * yhat[..., 1]
+        y = world + v[:, None, :] + np.sqrt(s)[..., None] * rng.normal(size=world.shape)
+        name = f"rec{r}"
+        out.poses[name] = xr.Dataset(
+            {
+                "position": (("time", "space", "keypoints"), np.transpose(y, (0, 2, 1))),
+                "confidence": (("time", "keypoints"), conf),
+            },
+            coords={"time": np.arange(n_frames), "space": space, "keypoints": names},
+        )
+        out.syllables[name] = arhmm.syllables[rows]
+        out.heading[name] = h
+        out.centroid[name] = v
+        out.latent[name] = x
+    return out

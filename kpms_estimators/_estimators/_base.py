@@ -4,11 +4,14 @@ A model subclass fills in a few hooks (sklearn-mixture style):
 
 - ``_min_frames()``: the shortest recording the model accepts;
 - ``_core_data(recordings, batch)``: the core's data pytree for a batch;
-- ``_hypers()``: the core's hyperparameter pytree from the constructor arguments;
-- ``_init_chain(key, data, hypers)``: a fresh chain state;
-- ``_init_states(key, chain, data, hypers)``: new latent states for other data,
+- ``_hypers(data)``: the core's hyperparameter pytree from the constructor arguments;
+- ``_init_chain(key, data)``: a fresh chain state (may set fitted attributes,
+  e.g. a PCA, that ``_hypers`` then uses);
+- ``_init_states(key, chain, data)``: new latent states for other data,
   keeping the chain's parameters (``partial_fit`` on new data);
-- ``_gibbs_step``: a module-level jitted ``(key, state, data, hypers) -> (state, info)``.
+- ``_schedule(first, data)``: the stages of sweeps of one call, by default
+  ``n_iter`` sweeps of ``_gibbs_step``, a module-level jitted
+  ``(key, state, data, hypers) -> (state, info)``.
 """
 
 from __future__ import annotations
@@ -128,26 +131,29 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
         fingerprint = _fingerprint(batch)
         with float64():
             data = self._core_data(recordings, batch)
-            hypers = self._hypers(data)
             if first:
                 seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
                 key = jax.random.key(seed)
                 key, init_key = jax.random.split(key)
-                chain = self._init_chain(init_key, data, hypers)
+                chain = self._init_chain(init_key, data)
                 history: dict[str, list] = {}
+                stages: list[str] = []
             else:
                 key = jax.random.wrap_key_data(self.rng_key_)
                 chain = self.chain_state_
                 if fingerprint != self._fingerprint_:
                     key, init_key = jax.random.split(key)
-                    chain = self._init_states(init_key, chain, data, hypers)
+                    chain = self._init_states(init_key, chain, data)
                 history = {k: list(v) for k, v in self.log_likelihood_terms_.items()}
-            chain, key = self._run_sweeps(key, chain, data, hypers, history)
+                stages = list(self.stage_history_)
+            schedule = self._schedule(first, data)
+            chain, key = self._run_sweeps(key, chain, data, schedule, history, stages)
         self.chain_state_ = _to_numpy(chain)
         self.rng_key_ = np.asarray(jax.random.key_data(key))
         self._fingerprint_ = fingerprint
-        self.n_iter_ = getattr(self, "n_iter_", 0) + int(self.n_iter)
+        self.n_iter_ = getattr(self, "n_iter_", 0) + sum(n for _, n, _, _ in schedule)
         self.log_likelihood_terms_ = {k: np.asarray(v, dtype=np.float64) for k, v in history.items()}
+        self.stage_history_ = np.asarray(stages, dtype=str)
         self.log_likelihood_history_ = sum(
             self.log_likelihood_terms_[k] for k in self._likelihood_terms
         )
@@ -158,17 +164,23 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
         """``fit`` then ``transform`` on the same data (same ``sequence_ids``)."""
         return self.fit(X, y, sequence_ids=sequence_ids).transform(X, sequence_ids=sequence_ids)
 
-    def _run_sweeps(self, key, chain, data, hypers, history):
-        progress = tqdm(range(int(self.n_iter)), disable=not self.verbose, desc=type(self).__name__)
-        for _ in progress:
-            key, step_key = jax.random.split(key)
-            chain, info = self._gibbs_step(step_key, chain, data, hypers)
-            info = {k: float(v) for k, v in info.items()}
-            for name, value in info.items():
-                history.setdefault(name, []).append(value)
-            if self.verbose:
-                total = sum(info[k] for k in self._likelihood_terms)
-                progress.set_postfix(log_lik=f"{total:.4g}", used=int(info.get("n_used", -1)))
+    def _schedule(self, first: bool, data) -> list[tuple[str, int, object, object]]:
+        """The stages of one ``partial_fit`` call: (name, sweeps, jitted step, hypers)."""
+        return [("full", int(self.n_iter), self._gibbs_step, self._hypers(data))]
+
+    def _run_sweeps(self, key, chain, data, schedule, history, stages):
+        for stage, n_sweeps, step, hypers in schedule:
+            progress = tqdm(range(n_sweeps), disable=not self.verbose, desc=f"{type(self).__name__} ({stage})")
+            for _ in progress:
+                key, step_key = jax.random.split(key)
+                chain, info = step(step_key, chain, data, hypers)
+                info = {k: float(v) for k, v in info.items()}
+                for name, value in info.items():
+                    history.setdefault(name, []).append(value)
+                stages.append(stage)
+                if self.verbose:
+                    total = sum(info[k] for k in self._likelihood_terms)
+                    progress.set_postfix(log_lik=f"{total:.4g}", used=int(info.get("n_used", -1)))
         return chain, key
 
     def _check_fitted(self):

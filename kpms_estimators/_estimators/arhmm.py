@@ -168,10 +168,10 @@ class ARHMM(GibbsEstimator):
         if not np.isfinite(self.kappa) or self.kappa < 0:
             raise ValueError(f"kappa must be a non-negative finite number, got {self.kappa!r}")
 
-    def _init_chain(self, key, data, hypers):
-        return _init_state(key, data, hypers, int(self.n_states))
+    def _init_chain(self, key, data):
+        return _init_state(key, data, self._hypers(data), int(self.n_states))
 
-    def _init_states(self, key, chain, data, hypers):
+    def _init_states(self, key, chain, data):
         return _resample_z(key, chain, data)
 
     def _set_fitted_attributes(self, recordings, batch):

@@ -1,0 +1,199 @@
+"""The keypoint SLDS (keypoint-MoSeq): state, one Gibbs sweep, log-likelihood terms (spec 4, 6).
+
+The AR-HMM part (beta, pi, Ab, Q, z) reuses ``arhmm``; this module adds the
+keypoint emission conditionals: latent pose x (Kalman FFBS), heading h,
+centroid v, local noise scales s and the global scales sigmasq.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import arhmm, kalman
+from . import keypoints as kp
+from .autoregressive import num_lags
+
+#: Incremented each time a sweep is traced (tests assert one trace per shape).
+TRACE_COUNTS = {"keypoint_slds.gibbs_step": 0}
+
+
+class KeypointHypers(NamedTuple):
+    arhmm: arhmm.ARHMMHypers
+    nu_s: jax.Array
+    nu_sigma: jax.Array
+    sigmasq_0: jax.Array
+    sigmasq_loc: jax.Array
+    jitter: jax.Array
+
+
+class Switches(NamedTuple):
+    """Static (trace-time) switches of a sweep (spec 4.7)."""
+
+    ar_only: bool = False
+    states_only: bool = False
+    fix_heading: bool = False
+    resample_global_noise_scale: bool = False
+    parallel_message_passing: bool = False
+    reference_compat: bool = False
+
+
+class KeypointParams(NamedTuple):
+    betas: jax.Array  # (S,)
+    pi: jax.Array  # (S, S)
+    Ab: jax.Array  # (S, P, L*P + 1)
+    Q: jax.Array  # (S, P, P)
+    Cd: jax.Array  # (O', P + 1), fixed during fitting
+    sigmasq: jax.Array  # (K,)
+
+    @property
+    def ar(self) -> arhmm.ARHMMParams:
+        return arhmm.ARHMMParams(self.betas, self.pi, self.Ab, self.Q)
+
+
+class KeypointData(NamedTuple):
+    Y: jax.Array  # (B, T, K, D)
+    mask: jax.Array  # (B, T)
+    s0: jax.Array  # (B, T, K) noise prior
+    Gamma: jax.Array  # (K, K-1) centring embedding
+
+
+class KeypointState(NamedTuple):
+    params: KeypointParams
+    x: jax.Array  # (B, T, P)
+    z: jax.Array  # (B, T-L)
+    h: jax.Array  # (B, T)
+    v: jax.Array  # (B, T, D)
+    s: jax.Array  # (B, T, K)
+
+
+def _with_ar(params: KeypointParams, ar: arhmm.ARHMMParams) -> KeypointParams:
+    return params._replace(betas=ar.betas, pi=ar.pi, Ab=ar.Ab, Q=ar.Q)
+
+
+def sample_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, parallel: bool):
+    """x | z, h, v, s, params by Kalman FFBS in the lifted AR state, per segment (spec 4.2)."""
+    params = state.params
+    num_dims = data.Y.shape[-1]
+    ytil = kp.rotate(data.Y - state.v[..., None, :], -state.h)
+    ytil = ytil.reshape(ytil.shape[:2] + (-1,))
+    obs_var = jnp.repeat(state.s * params.sigmasq, num_dims, axis=-1)
+    Ctil, dtil = kp.lifted_emission(params.Cd, data.Gamma, num_dims)
+    keys = jax.random.split(key, data.Y.shape[0])
+
+    def one(k, y, r, m, z):
+        return kalman.sample_latent_x(k, y, r, m, z, params.Ab, params.Q, Ctil, dtil, hypers.jitter, parallel)
+
+    x, _ = jax.vmap(one)(keys, ytil, obs_var, data.mask, state.z)
+    return x
+
+
+def sample_v(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, parallel: bool):
+    """v | x, h, s, params: random-walk Kalman FFBS on per-frame pseudo-observations (spec 4.4)."""
+    params = state.params
+    mu, g = kp.centroid_pseudo_obs(data.Y, state.x, state.h, state.s, params.sigmasq, data.mask, params.Cd, data.Gamma)
+    keys = jax.random.split(key, data.Y.shape[0])
+
+    def one(k, m, var, msk):
+        return kalman.sample_random_walk(k, m, var, msk, hypers.sigmasq_loc, parallel=parallel)
+
+    return jax.vmap(one)(keys, mu, g, data.mask)
+
+
+def log_likelihood_terms(state: KeypointState, data: KeypointData, hypers: KeypointHypers) -> dict:
+    """Per-term log joint of spec 6: "z", "x", "Y", "s", "v"."""
+    params = state.params
+    n_lags = num_lags(hypers.arhmm.ar)
+    ar_data = arhmm.ARHMMData(state.x, data.mask)
+    log_likes = arhmm.masked_log_likes(ar_data, params.ar)
+    terms = arhmm.log_likelihood_terms(state.z, log_likes, params.pi, arhmm.label_mask(data.mask, n_lags))
+    errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
+    terms["Y"] = kp.emission_log_likelihood(errors, state.s, params.sigmasq, data.mask, data.Y.shape[-1])
+    terms["s"] = kp.scale_log_prior(state.s, data.s0, hypers.nu_s, data.mask)
+    terms["v"] = kp.centroid_log_prior(state.v, data.mask, hypers.sigmasq_loc)
+    return terms
+
+
+def gibbs_step(
+    key: jax.Array, state: KeypointState, data: KeypointData, hypers: KeypointHypers, switches: Switches
+) -> tuple[KeypointState, dict]:
+    """One sweep in the order of spec 4.7; ``switches`` is static.
+
+    1. beta, pi, Ab, Q (unless states_only); 2. z; [ar_only stops here]
+    3. sigmasq (if resample_global_noise_scale and not states_only); 4. x;
+    5. h (unless fix_heading); 6. v; 7. s.
+    ``info`` holds the per-term log-likelihoods of the new state and the number of
+    states used.
+    """
+    TRACE_COUNTS["keypoint_slds.gibbs_step"] += 1
+    k_params, k_z, k_sigma, k_x, k_h, k_v, k_s = jax.random.split(key, 7)
+    n_lags = num_lags(hypers.arhmm.ar)
+    lmask = arhmm.label_mask(data.mask, n_lags)
+    ar_state = arhmm.ARHMMState(state.params.ar, state.z)
+    params = state.params
+    if not switches.states_only:
+        params = _with_ar(params, arhmm.resample_params(k_params, ar_state, state.x, data.mask, hypers.arhmm))
+    log_likes = arhmm.masked_log_likes(arhmm.ARHMMData(state.x, data.mask), params.ar)
+    z, _ = arhmm.sample_z(k_z, log_likes, params.pi)
+    state = state._replace(params=params, z=z)
+    if not switches.ar_only:
+        dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
+        if switches.resample_global_noise_scale and not switches.states_only:
+            errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
+            sigmasq = kp.sample_global_scales(k_sigma, errors, state.s, data.mask, hypers.nu_sigma, hypers.sigmasq_0, dof)
+            state = state._replace(params=params._replace(sigmasq=sigmasq))
+        state = state._replace(x=sample_x(k_x, state, data, hypers, switches.parallel_message_passing))
+        if not switches.fix_heading:
+            h = kp.sample_heading(k_h, data.Y, state.x, state.v, state.s, state.params.sigmasq, params.Cd, data.Gamma)
+            state = state._replace(h=h)
+        state = state._replace(v=sample_v(k_v, state, data, hypers, switches.parallel_message_passing))
+        errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
+        s = kp.sample_local_scales(k_s, errors, data.s0, state.params.sigmasq, hypers.nu_s, dof)
+        state = state._replace(s=s)
+    info = log_likelihood_terms(state, data, hypers)
+    info["n_used"] = arhmm.num_states_used(state.z, lmask, params.betas.shape[0])
+    return state, info
+
+
+def resample_noise_scales(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, reference_compat: bool):
+    """s from its conditional given everything else (init step 2.5.7)."""
+    params = state.params
+    dof = kp.noise_dof(data.Y.shape[-1], reference_compat)
+    errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
+    return state._replace(s=kp.sample_local_scales(key, errors, data.s0, params.sigmasq, hypers.nu_s, dof))
+
+
+def init_state(
+    key, x0, h0, v0, data: KeypointData, hypers: KeypointHypers, Cd, num_states: int, reference_compat: bool
+) -> KeypointState:
+    """Transitions and AR from the prior, z by FFBS given x0, sigmasq = 1, then s (spec 2.5)."""
+    k_ar, k_s = jax.random.split(key)
+    ar = arhmm.init_state(k_ar, arhmm.ARHMMData(x0, data.mask), hypers.arhmm, num_states)
+    sigmasq = jnp.ones(data.Y.shape[-2], data.Y.dtype)
+    p = ar.params
+    params = KeypointParams(p.betas, p.pi, p.Ab, p.Q, Cd, sigmasq)
+    state = KeypointState(params, x0, ar.z, h0, v0, jnp.ones_like(data.s0))
+    return resample_noise_scales(k_s, state, data, hypers, reference_compat)
+
+
+def init_states_given_params(
+    key, x0, h0, v0, data: KeypointData, hypers: KeypointHypers, params: KeypointParams, reference_compat: bool
+) -> KeypointState:
+    """States for new data under fitted parameters: z by FFBS given x0, then s (spec 7 step 1)."""
+    k_z, k_s = jax.random.split(key)
+    log_likes = arhmm.masked_log_likes(arhmm.ARHMMData(x0, data.mask), params.ar)
+    z, _ = arhmm.sample_z(k_z, log_likes, params.pi)
+    state = KeypointState(params, x0, z, h0, v0, jnp.ones_like(data.s0))
+    return resample_noise_scales(k_s, state, data, hypers, reference_compat)
+
+
+def posterior_marginals(state: KeypointState, data: KeypointData) -> jax.Array:
+    """p(z_t | x, Ab, Q, pi) given the current latent trajectory: (B, T-L, S) (spec 8)."""
+    return arhmm.posterior_marginals(arhmm.ARHMMData(state.x, data.mask), state.params.ar)
+
+
+def predictive_log_likelihoods(state: KeypointState, data: KeypointData) -> jax.Array:
+    """log p(x_t | x_{<t}) per labelled frame with z summed out (spec 9's quantity): (B, T-L)."""
+    return arhmm.predictive_log_likelihoods(arhmm.ARHMMData(state.x, data.mask), state.params.ar)

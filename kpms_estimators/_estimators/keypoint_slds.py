@@ -1,0 +1,508 @@
+"""The ``KeypointSLDS`` estimator: keypoint-MoSeq's model on pose recordings."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+
+from .. import _data, _init
+from .._core import arhmm as ar_core
+from .._core import keypoint_slds as core
+from .._core.autoregressive import make_ar_prior
+from .._core.keypoints import centring_embedding
+from ._base import GibbsEstimator, _fingerprint, float64
+
+_step = jax.jit(core.gibbs_step, static_argnames="switches")
+_init_state = jax.jit(core.init_state, static_argnames=("num_states", "reference_compat"))
+_init_given_params = jax.jit(core.init_states_given_params, static_argnames="reference_compat")
+_posterior_marginals = jax.jit(core.posterior_marginals)
+_predictive = jax.jit(core.predictive_log_likelihoods)
+
+_NOISE_ADDED_SEED = 42
+
+
+class KeypointSLDS(GibbsEstimator):
+    """keypoint-MoSeq: a switching linear dynamical system on keypoints, fitted by Gibbs sampling.
+
+    Keypoints are explained by a low-dimensional latent pose x following a
+    sticky HDP AR-HMM (the syllables), rotated by a heading h and shifted by a
+    centroid v, with per-point noise scales s whose prior comes from the
+    tracker's confidences (model spec section 4). ``fit`` runs the standard
+    recipe: ``n_ar_iter`` AR-only sweeps with stickiness ``ar_kappa`` on the
+    PCA-initialised trajectory, then ``n_iter`` sweeps of the full model with
+    ``kappa``, one chain. ``partial_fit`` continues the full model.
+
+    Parameters
+    ----------
+    n_states : int, default=100
+        Truncation level S of the HDP (maximum number of syllables).
+    latent_dim : int or None, default=None
+        Dimension P of the latent pose. ``None`` keeps the fewest principal
+        components explaining more than 90% of the variance, at most 10
+        (see ``latent_dim_``).
+    n_lags : int, default=3
+        Autoregressive order L.
+    kappa, ar_kappa : float, default=1e4, 1e6
+        Stickiness of the full model and of the AR-only stage.
+    n_ar_iter, n_iter : int, default=50, 500
+        Sweeps of the AR-only stage (first fit only) and of the full model.
+    alpha, gamma : float, default=5.7, 1e3
+        Transition and global-weight concentrations.
+    S_0_scale, K_0_scale : float, default=0.01, 10.0
+        AR prior scales (spec 2.6).
+    keypoints : list of str or None
+        Keypoints to use, in this order (default: all).
+    anterior_keypoints, posterior_keypoints : list of str or int, or None
+        Keypoints whose mean defines the front and back of the body for the
+        initial heading. Default: the first and the last keypoint used.
+    n_dims : int or None
+        Spatial dimension D (2 or 3) of a 2D ``X`` of shape (n_frames, K * D),
+        keypoint-major. Required on that path; ignored for pose Datasets.
+    conf_threshold : float, default=0.5
+        Points below it are interpolated in the copy used for PCA and the initial
+        alignment.
+    conf_pseudocount : float, default=1e-3
+        Added to every confidence.
+    noise_slope, noise_intercept : float, default=-0.5, 0.25
+        Error-estimator line mapping confidence to the noise prior s0 (spec 2.1).
+    sigmasq_loc : float or None
+        Centroid random-walk variance per frame; ``None`` estimates it from the
+        data (spec 2.6, ``sigmasq_loc_``).
+    nu_s, nu_sigma, sigmasq_0 : float, default=5, 1e5, 0.1
+        Noise priors (spec 4.5-4.6).
+    fix_heading : bool, default=False
+        Keep the heading at 0 both at initialisation and during sampling.
+    resample_global_noise_scale : bool, default=False
+        Also resample the per-keypoint scales sigmasq (the reference keeps them at 1).
+    reference_compat : bool, default=False
+        Use the reference's hard-coded 3 coordinates per keypoint in the s and
+        sigmasq updates instead of D (spec 4.5-4.6).
+    added_noise_level : float, default=0.1
+        Half-width of the uniform jitter added once to the coordinates (spec 1.8).
+    outlier_scale_factor : float or None, default=6.0
+        Points farther than median + factor * MAD from their frame's keypoint
+        median are interpolated and get confidence 0; ``None`` skips this.
+    jitter : float, default=1e-3
+        Added to the backward-sampling covariance of the latent pose (serial sampler).
+    parallel_message_passing : bool or None
+        Associative-scan Kalman samplers; ``None`` uses them off the CPU only.
+    n_apply_iter : int, default=100
+        States-only sweeps on new data for ``predict``/``transform``/``score``.
+    n_marginal_samples : int, default=10
+        Latent trajectories averaged by ``predict_proba`` (spec 8).
+    seg_length : int or None
+        Segment length (default chosen from the recording lengths, spec 1.5).
+    random_state : int, RandomState instance or None
+    verbose : bool, default=False
+        Progress bars.
+
+    Attributes
+    ----------
+    latent_dim_ : int
+    explained_variance_ratio_ : ndarray of shape (n_pca_components,)
+    emission_ : ndarray of shape ((K-1) * D, latent_dim_ + 1)
+        [C | d] of the whitened PCA emission, fixed during fitting.
+    sigmasq_loc_ : float
+    keypoints_ : list of str
+    n_features_in_ : int
+    n_iter_ : int
+        Sweeps run so far, both stages.
+    log_likelihood_terms_ : dict of str -> ndarray of shape (n_iter_,)
+        "z", "x", "Y", "s", "v" per sweep (spec 6).
+    log_likelihood_history_ : ndarray of shape (n_iter_,)
+        Their sum.
+    stage_history_ : ndarray of str, shape (n_iter_,)
+        "ar_only" or "full" per sweep.
+    syllable_order_, syllable_frequencies_, betas_, transition_matrix_,
+    ar_coefficients_, ar_covariances_, noise_scales_ : ndarray
+        Relabelled by frequency (0 = most used).
+    chain_state_ : KeypointState
+        The chain's last state (NumPy arrays, raw labels).
+
+    Examples
+    --------
+    >>> from kpms_estimators import KeypointSLDS
+    >>> from kpms_estimators.datasets import simulate_keypoints
+    >>> sim = simulate_keypoints(n_recordings=2, n_frames=300, random_state=0)
+    >>> model = KeypointSLDS(n_states=10, n_ar_iter=5, n_iter=5, n_apply_iter=5,
+    ...                      random_state=0).fit(sim.poses)
+    >>> sorted(model.predict(sim.poses))
+    ['rec0', 'rec1']
+    """
+
+    _likelihood_terms = ("z", "x", "Y", "s", "v")
+
+    def __init__(
+        self,
+        n_states=100,
+        latent_dim=None,
+        n_lags=3,
+        kappa=1e4,
+        ar_kappa=1e6,
+        n_ar_iter=50,
+        n_iter=500,
+        alpha=5.7,
+        gamma=1e3,
+        S_0_scale=0.01,
+        K_0_scale=10.0,
+        keypoints=None,
+        anterior_keypoints=None,
+        posterior_keypoints=None,
+        n_dims=None,
+        conf_threshold=0.5,
+        conf_pseudocount=1e-3,
+        noise_slope=-0.5,
+        noise_intercept=0.25,
+        sigmasq_loc=None,
+        nu_s=5.0,
+        nu_sigma=1e5,
+        sigmasq_0=0.1,
+        fix_heading=False,
+        resample_global_noise_scale=False,
+        reference_compat=False,
+        added_noise_level=0.1,
+        outlier_scale_factor=6.0,
+        jitter=1e-3,
+        parallel_message_passing=None,
+        n_apply_iter=100,
+        n_marginal_samples=10,
+        seg_length=None,
+        random_state=None,
+        verbose=False,
+    ):
+        self.n_states = n_states
+        self.latent_dim = latent_dim
+        self.n_lags = n_lags
+        self.kappa = kappa
+        self.ar_kappa = ar_kappa
+        self.n_ar_iter = n_ar_iter
+        self.n_iter = n_iter
+        self.alpha = alpha
+        self.gamma = gamma
+        self.S_0_scale = S_0_scale
+        self.K_0_scale = K_0_scale
+        self.keypoints = keypoints
+        self.anterior_keypoints = anterior_keypoints
+        self.posterior_keypoints = posterior_keypoints
+        self.n_dims = n_dims
+        self.conf_threshold = conf_threshold
+        self.conf_pseudocount = conf_pseudocount
+        self.noise_slope = noise_slope
+        self.noise_intercept = noise_intercept
+        self.sigmasq_loc = sigmasq_loc
+        self.nu_s = nu_s
+        self.nu_sigma = nu_sigma
+        self.sigmasq_0 = sigmasq_0
+        self.fix_heading = fix_heading
+        self.resample_global_noise_scale = resample_global_noise_scale
+        self.reference_compat = reference_compat
+        self.added_noise_level = added_noise_level
+        self.outlier_scale_factor = outlier_scale_factor
+        self.jitter = jitter
+        self.parallel_message_passing = parallel_message_passing
+        self.n_apply_iter = n_apply_iter
+        self.n_marginal_samples = n_marginal_samples
+        self.seg_length = seg_length
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- input ------------------------------------------------------------
+    def _min_frames(self) -> int:
+        return int(self.n_lags) + _data.MIN_FRAGMENT_LENGTH
+
+    def _keypoint_selection(self):
+        return self.keypoints
+
+    def _recordings(self, X, sequence_ids, *, reset):
+        recordings = super()._recordings(X, sequence_ids, reset=reset)
+        if recordings.kind == "features":
+            recordings = self._features_as_poses(recordings)
+        self._check_keypoints(recordings, reset)
+        if self.outlier_scale_factor is not None:
+            recordings, _ = _init.remove_outliers(recordings, float(self.outlier_scale_factor))
+        return recordings
+
+    def _features_as_poses(self, recordings):
+        if self.n_dims not in (2, 3):
+            raise ValueError(
+                f"A 2D X of shape (n_frames, n_keypoints * n_dims) needs n_dims=2 or 3; got n_dims={self.n_dims!r}."
+            )
+        n_features = recordings.arrays[0].shape[1]
+        if n_features % self.n_dims:
+            raise ValueError(
+                f"X has {n_features} features, which is not a multiple of n_dims={self.n_dims} "
+                "(expected n_keypoints * n_dims columns, keypoint-major)."
+            )
+        n_kp = n_features // self.n_dims
+        arrays = tuple(a.reshape(len(a), n_kp, self.n_dims) for a in recordings.arrays)
+        names = tuple(f"kp{k}" for k in range(n_kp))
+        return dataclasses.replace(recordings, arrays=arrays, keypoints=names, space=("x", "y", "z")[: self.n_dims])
+
+    def _check_keypoints(self, recordings, reset):
+        n_kp, n_dims = recordings.arrays[0].shape[1:]
+        if n_kp < 2:
+            raise ValueError(f"KeypointSLDS needs at least 2 keypoints; the data have {n_kp} ({list(recordings.keypoints)}).")
+        if n_dims not in (2, 3):
+            raise ValueError(f"Keypoints must be 2D or 3D; the data have D={n_dims} spatial dimensions.")
+        if reset:
+            self.keypoints_ = list(recordings.keypoints)
+            self._anterior_ = self._keypoint_positions(self.anterior_keypoints, recordings.keypoints, 0, "anterior")
+            self._posterior_ = self._keypoint_positions(self.posterior_keypoints, recordings.keypoints, n_kp - 1, "posterior")
+        elif list(recordings.keypoints) != self.keypoints_ and recordings.kind != "features":
+            raise ValueError(f"Keypoints {list(recordings.keypoints)} differ from the fitted ones {self.keypoints_}.")
+
+    @staticmethod
+    def _keypoint_positions(selection, names, default, what):
+        if selection is None:
+            return np.array([default])
+        selection = [selection] if isinstance(selection, (str, int, np.integer)) else list(selection)
+        if len(selection) == 0:
+            raise ValueError(f"{what}_keypoints is empty.")
+        out = []
+        for item in selection:
+            if isinstance(item, (int, np.integer)):
+                if not 0 <= item < len(names):
+                    raise ValueError(f"{what}_keypoints index {item} is out of range for {len(names)} keypoints.")
+                out.append(int(item))
+            elif item in names:
+                out.append(list(names).index(item))
+            else:
+                raise ValueError(f"{what}_keypoints entry {item!r} is not among the keypoints used: {list(names)}.")
+        return np.array(out)
+
+    def _core_data(self, recordings, batch) -> core.KeypointData:
+        Y = batch.values
+        if self.added_noise_level:
+            rng = np.random.default_rng(_NOISE_ADDED_SEED)
+            Y = Y + rng.uniform(-self.added_noise_level, self.added_noise_level, size=Y.shape)
+        conf = np.ones(batch.mask.shape + (Y.shape[2],)) if batch.conf is None else batch.conf
+        conf = conf + self.conf_pseudocount
+        s0 = _init.noise_prior(conf, self.noise_slope, self.noise_intercept)
+        gamma = centring_embedding(Y.shape[2])
+        return core.KeypointData(
+            jnp.asarray(Y), jnp.asarray(conf), jnp.asarray(batch.mask, Y.dtype), jnp.asarray(s0), jnp.asarray(gamma)
+        )
+
+    def _hypers(self, data, kappa=None) -> core.KeypointHypers:
+        self._check_hyperparameters(data)
+        dtype = data.Y.dtype
+        latent_dim = self.latent_dim_ if hasattr(self, "latent_dim_") else 1
+        arhmm = ar_core.ARHMMHypers(
+            alpha=jnp.asarray(self.alpha, dtype),
+            gamma=jnp.asarray(self.gamma, dtype),
+            kappa=jnp.asarray(self.kappa if kappa is None else kappa, dtype),
+            ar=make_ar_prior(latent_dim, int(self.n_lags), self.S_0_scale, self.K_0_scale, dtype),
+        )
+        sigmasq_loc = getattr(self, "sigmasq_loc_", 1.0)
+        return core.KeypointHypers(
+            arhmm,
+            nu_s=jnp.asarray(self.nu_s, dtype),
+            nu_sigma=jnp.asarray(self.nu_sigma, dtype),
+            sigmasq_0=jnp.asarray(self.sigmasq_0, dtype),
+            sigmasq_loc=jnp.asarray(sigmasq_loc, dtype),
+            jitter=jnp.asarray(self.jitter, dtype),
+        )
+
+    def _check_hyperparameters(self, data):
+        for name in ("n_states", "n_lags", "n_iter", "n_ar_iter", "n_apply_iter", "n_marginal_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < (0 if name in ("n_ar_iter", "n_apply_iter") else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("alpha", "gamma", "S_0_scale", "K_0_scale", "nu_s", "nu_sigma", "sigmasq_0"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("kappa", "ar_kappa", "jitter", "added_noise_level", "conf_pseudocount"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        if self.sigmasq_loc is not None and not (np.isfinite(self.sigmasq_loc) and self.sigmasq_loc > 0):
+            raise ValueError(f"sigmasq_loc must be None or a positive number, got {self.sigmasq_loc!r}")
+        n_kp, n_dims = data.Y.shape[2:]
+        max_dim = (n_kp - 1) * n_dims
+        if self.latent_dim is not None and not (
+            isinstance(self.latent_dim, (int, np.integer)) and 1 <= self.latent_dim <= max_dim
+        ):
+            raise ValueError(
+                f"latent_dim must be an integer between 1 and (K-1)*D = {max_dim} for {n_kp} keypoints in "
+                f"{n_dims}D, got {self.latent_dim!r}."
+            )
+
+    def _switches(self, **overrides) -> core.Switches:
+        parallel = self.parallel_message_passing
+        if parallel is None:
+            parallel = jax.default_backend() != "cpu"
+        settings = dict(
+            fix_heading=bool(self.fix_heading),
+            resample_global_noise_scale=bool(self.resample_global_noise_scale),
+            parallel_message_passing=bool(parallel),
+            reference_compat=bool(self.reference_compat),
+        )
+        settings.update(overrides)
+        return core.Switches(**settings)
+
+    # -- initialisation ---------------------------------------------------
+    def _starting_pose(self, data):
+        """(x0 or None, h0, v0, embedded pose) from the confidence-interpolated copy (spec 2.2)."""
+        Y, conf = np.asarray(data.Y), np.asarray(data.conf)
+        Yi = _init.interpolate_low_confidence(Y, conf, self.conf_threshold, raw=Y)
+        h0, v0 = _init.heading_and_centroid(Yi, self._anterior_, self._posterior_, bool(self.fix_heading))
+        return h0, v0, _init.embed(Yi, h0, v0)
+
+    def _init_chain(self, key, data):
+        h0, v0, flat = self._starting_pose(data)
+        mask, conf = np.asarray(data.mask), np.asarray(data.conf)
+        emission = _init.fit_emission(flat, mask, conf, self.conf_threshold, self.latent_dim)
+        self.latent_dim_ = emission.latent_dim
+        self.explained_variance_ratio_ = emission.explained_variance_ratio
+        self.emission_ = emission.Cd
+        self.sigmasq_loc_ = (
+            float(self.sigmasq_loc) if self.sigmasq_loc is not None else _init.estimate_sigmasq_loc(np.asarray(data.Y), mask)
+        )
+        hypers = self._hypers(data)  # now with the chosen latent_dim and sigmasq_loc
+        x0 = _init.project(flat, emission.Cd)
+        return _init_state(
+            key, jnp.asarray(x0), jnp.asarray(h0), jnp.asarray(v0), data, hypers, jnp.asarray(emission.Cd),
+            num_states=int(self.n_states), reference_compat=bool(self.reference_compat),
+        )
+
+    def _init_states(self, key, chain, data):
+        hypers = self._hypers(data)
+        h0, v0, flat = self._starting_pose(data)
+        x0 = _init.project(flat, np.asarray(chain.params.Cd))
+        params = jax.tree_util.tree_map(jnp.asarray, chain.params)
+        return _init_given_params(
+            key, jnp.asarray(x0), jnp.asarray(h0), jnp.asarray(v0), data, hypers, params,
+            reference_compat=bool(self.reference_compat),
+        )
+
+    def _schedule(self, first, data):
+        stages = []
+        if first and self.n_ar_iter > 0:
+            ar_only = functools.partial(_step, switches=self._switches(ar_only=True))
+            stages.append(("ar_only", int(self.n_ar_iter), ar_only, self._hypers(data, kappa=self.ar_kappa)))
+        full = functools.partial(_step, switches=self._switches())
+        stages.append(("full", int(self.n_iter), full, self._hypers(data)))
+        return stages
+
+    # -- fitted attributes ------------------------------------------------
+    def _set_fitted_attributes(self, recordings, batch):
+        chain = self.chain_state_
+        lmask = batch.mask[:, self.n_lags :] > 0
+        counts = np.bincount(chain.z[lmask].ravel(), minlength=self.n_states).astype(np.float64)
+        order = np.argsort(-counts, kind="stable")
+        params = chain.params
+        self.syllable_order_ = order
+        self.syllable_frequencies_ = counts[order] / max(counts.sum(), 1.0)
+        self.betas_ = params.betas[order]
+        self.transition_matrix_ = params.pi[np.ix_(order, order)]
+        self.ar_coefficients_ = params.Ab[order]
+        self.ar_covariances_ = params.Q[order]
+        self.noise_scales_ = params.sigmasq
+        self.emission_ = params.Cd
+
+    # -- inference ----------------------------------------------------------
+    def _apply(self, X, sequence_ids, n_samples: int = 0):
+        """States for X under the fitted parameters (spec 7), and optionally averaged marginals (spec 8).
+
+        On the training data the chain's current states are the starting point;
+        other data get fresh states and ``n_apply_iter`` states-only sweeps. Then
+        ``n_samples`` more sweeps, averaging the forward-backward marginals of z
+        given each sampled latent trajectory. The fitted chain is not modified.
+        """
+        self._check_fitted()
+        recordings = self._recordings(X, sequence_ids, reset=False)
+        batch = self._batch(recordings)
+        with float64():
+            data = self._core_data(recordings, batch)
+            hypers = self._hypers(data)
+            key = jax.random.fold_in(jax.random.wrap_key_data(self.rng_key_), 1)
+            if _fingerprint(batch) == self._fingerprint_:
+                state, n_burn = jax.tree_util.tree_map(jnp.asarray, self.chain_state_), 0
+            else:
+                key, init_key = jax.random.split(key)
+                state, n_burn = self._init_states(init_key, self.chain_state_, data), int(self.n_apply_iter)
+            step = functools.partial(_step, switches=self._switches(states_only=True))
+            total = None
+            for i in range(n_burn + n_samples):
+                key, step_key = jax.random.split(key)
+                state, _ = step(step_key, state, data, hypers)
+                if i >= n_burn:
+                    marg = _posterior_marginals(state, data)
+                    total = marg if total is None else total + marg
+            marginals = None if total is None else np.asarray(total) / n_samples
+            state = jax.tree_util.tree_map(np.asarray, state)
+            log_pred = np.asarray(_predictive(state, data))
+        return recordings, batch, state, marginals, log_pred
+
+    def _unbatch_labels(self, batch, values):
+        return _data.unbatch(batch, values, offset=int(self.n_lags))
+
+    def _output(self, recordings, variables: dict):
+        """Per-frame results: rows of X on the 2D path, per-recording Datasets on the pose path."""
+        dims = {"syllable": (), "latent_state": ("latent_dim",), "centroid": ("space",), "heading": (),
+                "syllable_proba": ("syllable",)}
+        out = {}
+        for r, (rec, times) in enumerate(zip(recordings.names, recordings.times)):
+            data_vars = {name: (("time",) + dims[name], arrs[r]) for name, arrs in variables.items()}
+            coords = {"time": times}
+            if "centroid" in variables:
+                coords["space"] = list(recordings.space)
+            out[rec] = xr.Dataset(data_vars, coords=coords)
+        return out
+
+    def _results(self, recordings, batch, state):
+        rank = np.argsort(self.syllable_order_)
+        return {
+            "syllable": [rank[z] for z in self._unbatch_labels(batch, state.z)],
+            "latent_state": _data.unbatch(batch, state.x),
+            "centroid": _data.unbatch(batch, state.v),
+            "heading": _data.unbatch(batch, state.h),
+        }
+
+    def transform(self, X, *, sequence_ids=None):
+        """Per-frame results under the fitted parameters (spec 7).
+
+        Returns
+        -------
+        On the 2D path the latent state, float64 of shape (n_frames, latent_dim_);
+        on the pose path a dict ``{recording: xarray.Dataset}`` with ``syllable``,
+        ``latent_state``, ``centroid`` and ``heading`` over ``time``.
+        """
+        recordings, batch, state, _, _ = self._apply(X, sequence_ids)
+        results = self._results(recordings, batch, state)
+        if recordings.kind == "features":
+            return _data.to_rows(recordings, [a.astype(np.float64) for a in results["latent_state"]])
+        return self._output(recordings, results)
+
+    def predict(self, X, *, sequence_ids=None):
+        """Syllable of each frame from the final sample (0 = most used); first n_lags frames edge-padded."""
+        recordings, batch, state, _, _ = self._apply(X, sequence_ids)
+        labels = self._results(recordings, batch, state)["syllable"]
+        if recordings.kind == "features":
+            return _data.to_rows(recordings, labels)
+        return {rec: lab for rec, lab in zip(recordings.names, labels)}
+
+    def predict_proba(self, X, *, sequence_ids=None):
+        """Syllable marginals averaged over ``n_marginal_samples`` sampled latent trajectories (spec 8).
+
+        Returns (n_frames, n_states) on the 2D path (columns in relabelled order),
+        or ``{recording: Dataset}`` with ``syllable_proba`` (time, syllable).
+        """
+        recordings, batch, _, marginals, _ = self._apply(X, sequence_ids, n_samples=int(self.n_marginal_samples))
+        per_rec = [m[:, self.syllable_order_] for m in self._unbatch_labels(batch, marginals)]
+        if recordings.kind == "features":
+            return _data.to_rows(recordings, per_rec)
+        return self._output(recordings, {"syllable_proba": per_rec})
+
+    def score(self, X, y=None, *, sequence_ids=None):
+        """Mean per-frame log p(x_t | x_{<t}) of the inferred latent trajectory (spec 9), larger is better."""
+        recordings, batch, _, _, log_pred = self._apply(X, sequence_ids)
+        per_rec = self._unbatch_labels(batch, log_pred)
+        total = sum(float(np.sum(a[self.n_lags :])) for a in per_rec)
+        return total / sum(len(a) - self.n_lags for a in per_rec)
