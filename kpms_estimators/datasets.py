@@ -129,7 +129,7 @@ def simulate_keypoints(
     n_frames: int = 3000,
     mean_duration: float = 20.0,
     body_length: float = 40.0,
-    pose_scale: float = 2.0,
+    pose_scale: float = 8.0,
     sigmasq_loc: float = 0.5,
     nu_s: float = 5.0,
     noise_slope: float = -0.5,

@@ -315,16 +315,26 @@ _READERS = {"DeepLabCut": _read_dlc, "SLEAP": _read_sleap, "JABS": _read_jabs}
 
 
 def _drop_empty_individuals(tracks: _Tracks, path: Path) -> _Tracks:
-    """Remove individuals that have no valid point in any frame, with a warning."""
-    valid = ~np.isnan(tracks.position).any(-1)
+    """Remove individuals that cannot be modelled, with a warning naming them.
+
+    An individual with no valid point in any frame is always dropped. In files with
+    several individuals (multi-animal trackers pad unused identity slots), an
+    individual with some keypoint that is never tracked is a partial track and is
+    dropped too; a lone individual is kept (the adapter then names the keypoint).
+    """
+    valid = ~np.isnan(tracks.position).any(-1)  # (time, individuals, keypoints)
     keep = valid.any(axis=(0, 2))
     if not keep.any():
         raise ValueError(f"{path} has no tracked point in any frame.")
+    partial = keep & ~valid.any(axis=0).all(axis=-1)
+    if keep.sum() > 1 and partial.any() and (keep & ~partial).any():
+        keep = keep & ~partial
     if keep.all():
         return tracks
     dropped = [name for name, k in zip(tracks.individuals, keep) if not k]
     warnings.warn(f"{path}: dropping individual(s) {dropped}, which have no valid point in "
-                  "any frame.", UserWarning, stacklevel=3)
+                  "any frame or (with other individuals present) a keypoint never tracked.",
+                  UserWarning, stacklevel=3)
     confidence = None if tracks.confidence is None else tracks.confidence[:, keep]
     return _Tracks(tracks.position[:, keep], confidence, tracks.keypoints,
                    [n for n, k in zip(tracks.individuals, keep) if k], tracks.space)

@@ -10,7 +10,6 @@ from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.pipeline import make_pipeline
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from kpms_estimators import ARHMM
 from kpms_estimators._core import arhmm as core
@@ -146,20 +145,3 @@ def test_grid_search_over_kappa_with_group_kfold():
     assert np.all(np.isfinite(scores))
     assert search.best_params_["kappa"] == [1e2, 1e6][int(np.argmax(scores))]
     assert search.best_estimator_.n_iter_ == 3
-
-
-TEMPORAL_CONTEXT = (
-    "a temporal model's output for a frame depends on its neighbours and their order in time, so "
-    "predicting on a subset or a permutation of the frames legitimately changes the results"
-)
-
-
-@parametrize_with_checks(
-    [ARHMM(n_states=5, n_iter=2, random_state=0)],
-    expected_failed_checks=lambda est: {
-        "check_methods_sample_order_invariance": TEMPORAL_CONTEXT,
-        "check_methods_subset_invariance": TEMPORAL_CONTEXT,
-    },
-)
-def test_sklearn_contract(estimator, check):
-    check(estimator)

@@ -55,6 +55,7 @@ class KeypointParams(NamedTuple):
 
 class KeypointData(NamedTuple):
     Y: jax.Array  # (B, T, K, D)
+    conf: jax.Array  # (B, T, K) confidences incl. the pseudocount
     mask: jax.Array  # (B, T)
     s0: jax.Array  # (B, T, K) noise prior
     Gamma: jax.Array  # (K, K-1) centring embedding

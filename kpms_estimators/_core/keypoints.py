@@ -70,7 +70,7 @@ def von_mises_from_uniforms(u: jax.Array, mean: jax.Array, concentration: jax.Ar
     dtype = mean.dtype
     kappa = jnp.maximum(concentration, 1e-8)
     tau = 1.0 + jnp.sqrt(1.0 + 4.0 * kappa**2)
-    rho = (tau - jnp.sqrt(2.0 * tau)) / (2.0 * kappa)
+    rho = 2.0 * kappa / (tau + jnp.sqrt(2.0 * tau))  # = (tau - sqrt(2 tau)) / (2 kappa), no cancellation
     r = (1.0 + rho**2) / (2.0 * rho)
     cos_term = jnp.cos(jnp.pi * u[0].astype(dtype))
     f = (1.0 + r * cos_term) / (r + cos_term)

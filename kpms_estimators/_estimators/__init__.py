@@ -1,3 +1,4 @@
 from .arhmm import ARHMM
+from .keypoint_slds import KeypointSLDS
 
-__all__ = ["ARHMM"]
+__all__ = ["ARHMM", "KeypointSLDS"]

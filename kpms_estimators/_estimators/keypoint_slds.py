@@ -235,7 +235,7 @@ class KeypointSLDS(GibbsEstimator):
         n_features = recordings.arrays[0].shape[1]
         if n_features % self.n_dims:
             raise ValueError(
-                f"X has {n_features} features, which is not a multiple of n_dims={self.n_dims} "
+                f"X has {n_features} features (n_features = {n_features}), which is not a multiple of n_dims={self.n_dims} "
                 "(expected n_keypoints * n_dims columns, keypoint-major)."
             )
         n_kp = n_features // self.n_dims
