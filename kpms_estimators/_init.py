@@ -24,6 +24,10 @@ VARIANCE_EXPLAINED = 0.9
 MAX_AUTO_LATENT_DIM = 10
 
 
+#: Floor on each keypoint's MAD in ``remove_outliers``, as a share of the median distance.
+MAD_FLOOR = 0.1
+
+
 def noise_prior(conf: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     """s0 = 10 ** (2 (slope log10(conf + 1e-6) + intercept)): prior variance per point (spec 2.1)."""
     return 10.0 ** (2.0 * (slope * np.log10(conf + 1e-6) + intercept))
@@ -33,7 +37,9 @@ def remove_outliers(recordings, scale: float = 6.0):
     """Interpolate points far from their frame's keypoint median and zero their confidence (spec 1).
 
     dist_tk = ||y_tk - median_k y_tk||; a point is an outlier if
-    dist_tk > median_t dist_tk + scale * MAD_t dist_tk. Returns new ``Recordings``
+    dist_tk > median_t dist_tk + scale * MAD_t dist_tk (spec 1), with MAD_t floored at
+    ``MAD_FLOOR`` times the median distance over all points (a deviation: see
+    docs/notes.md). Returns new ``Recordings``
     and the number of points replaced per recording.
     """
     arrays, confs, counts = [], [], []
@@ -42,6 +48,9 @@ def remove_outliers(recordings, scale: float = 6.0):
         dist = np.linalg.norm(pos - np.median(pos, axis=1, keepdims=True), axis=-1)
         med = np.median(dist, axis=0)
         mad = np.median(np.abs(dist - med), axis=0)
+        # a keypoint that often IS the coordinate-wise median has median = MAD = 0, and then
+        # every frame where it is not would count as an outlier: floor its MAD
+        mad = np.maximum(mad, MAD_FLOOR * np.median(dist))
         outlier = dist > med + scale * mad
         pos, conf = pos.copy(), conf.copy()
         pos[outlier] = np.nan

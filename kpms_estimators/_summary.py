@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 
 def run_lengths(labels: np.ndarray) -> np.ndarray:
@@ -19,3 +20,13 @@ def syllable_durations(sequences) -> np.ndarray:
     """Run lengths over several recordings' label sequences (runs never cross recordings)."""
     runs = [run_lengths(seq) for seq in sequences]
     return np.concatenate(runs) if runs else np.zeros(0, dtype=int)
+
+
+def matched_accuracy(true, pred) -> float:
+    """One-to-one (Hungarian) matched accuracy between two labelings of the same frames."""
+    true_ids, true_idx = np.unique(np.asarray(true), return_inverse=True)
+    pred_ids, pred_idx = np.unique(np.asarray(pred), return_inverse=True)
+    confusion = np.zeros((pred_ids.size, true_ids.size))
+    np.add.at(confusion, (pred_idx, true_idx), 1)
+    rows, cols = linear_sum_assignment(-confusion)
+    return float(confusion[rows, cols].sum() / len(true_idx))

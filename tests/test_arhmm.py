@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 from sklearn import config_context
 from sklearn.base import clone
 from sklearn.decomposition import PCA
@@ -13,17 +12,8 @@ from sklearn.pipeline import make_pipeline
 
 from kpms_estimators import ARHMM
 from kpms_estimators._core import arhmm as core
+from kpms_estimators._summary import matched_accuracy
 from kpms_estimators.datasets import simulate_arhmm
-
-
-def matched_accuracy(true, pred) -> float:
-    """One-to-one (Hungarian) matched accuracy between two labelings."""
-    true_ids, true_idx = np.unique(true, return_inverse=True)
-    pred_ids, pred_idx = np.unique(pred, return_inverse=True)
-    confusion = np.zeros((pred_ids.size, true_ids.size))
-    np.add.at(confusion, (pred_idx, true_idx), 1)
-    rows, cols = linear_sum_assignment(-confusion)
-    return confusion[rows, cols].sum() / len(true)
 
 
 @pytest.fixture(scope="module")

@@ -355,6 +355,7 @@ class KeypointSLDS(GibbsEstimator):
         return h0, v0, _init.embed(Yi, h0, v0)
 
     def _init_chain(self, key, data):
+        self._check_hyperparameters(data)
         h0, v0, flat = self._starting_pose(data)
         mask, conf = np.asarray(data.mask), np.asarray(data.conf)
         emission = _init.fit_emission(flat, mask, conf, self.conf_threshold, self.latent_dim)
