@@ -21,7 +21,6 @@ import pytest
 from scipy import stats
 
 from kpms_estimators._core import keypoints as kp
-from kpms_estimators._core.distributions import uniforms
 
 NUM = 40_000
 
@@ -29,8 +28,7 @@ NUM = 40_000
 # Compiled once per module and shared by the tests (same shapes => a single compile).
 @jax.jit
 def _von_mises(key, mean, concentration):
-    (u,) = uniforms(key, (3, kp.VON_MISES_PROPOSALS) + mean.shape, dtype=mean.dtype)
-    return kp.von_mises_from_uniforms(u, mean, concentration)
+    return kp.sample_von_mises(key, mean, concentration)
 
 
 _sample_heading = jax.jit(kp.sample_heading)

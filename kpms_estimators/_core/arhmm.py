@@ -79,10 +79,13 @@ def log_likelihood_terms(z: jax.Array, log_likes: jax.Array, pi: jax.Array, mask
     z: sum_{t >= L+1} mask_t log pi[z_{t-1}, z_t];  x: sum_{t >= L} mask_t log N(x_t | AR_{z_t}).
     """
     lmask = mask.astype(log_likes.dtype)
-    log_pi = jnp.log(pi)
-    z_term = jnp.sum(log_pi[z[:, :-1], z[:, 1:]] * lmask[:, 1:])
     x_term = jnp.sum(jnp.take_along_axis(log_likes, z[..., None], axis=-1)[..., 0] * lmask)
-    return {"z": z_term, "x": x_term}
+    return {"z": transition_log_likelihood(z, pi, lmask), "x": x_term}
+
+
+def transition_log_likelihood(z: jax.Array, pi: jax.Array, lmask: jax.Array) -> jax.Array:
+    """sum_{t >= L+1} mask_t log pi[z_{t-1}, z_t] (the "z" term of spec 6)."""
+    return jnp.sum(jnp.log(pi)[z[:, :-1], z[:, 1:]] * lmask[:, 1:])
 
 
 def num_states_used(z: jax.Array, mask: jax.Array, num_states: int) -> jax.Array:

@@ -78,6 +78,21 @@ def ar_log_likelihoods(x: jax.Array, params: ARParams) -> jax.Array:
     )
 
 
+def ar_path_log_likelihoods(x: jax.Array, z: jax.Array, params: ARParams) -> jax.Array:
+    """log N(x_t | A_{z_t} xbar_t + b_{z_t}, Q_{z_t}) along a state path only: (B, T-L).
+
+    O(F P (A+1)) instead of the O(S F P (A+1)) of ``ar_log_likelihoods``.
+    """
+    latent_dim = x.shape[-1]
+    n_lags = num_lags(params)
+    xbar = lagged_features(x, n_lags)
+    chol = psd_cholesky(params.Q, 0.0)
+    resid = x[..., n_lags:, :] - jnp.einsum("...pa,...a->...p", params.Ab[z], xbar)
+    white = jax.scipy.linalg.solve_triangular(chol[z], resid[..., None], lower=True)[..., 0]
+    half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)[z]
+    return -0.5 * jnp.sum(white**2, axis=-1) - half_logdet - 0.5 * latent_dim * jnp.log(2 * jnp.pi).astype(x.dtype)
+
+
 class ARStats(NamedTuple):
     xx: jax.Array  # (S, A+1, A+1) sum xbar+ xbar+^T
     yx: jax.Array  # (S, P, A+1) sum x_t xbar+^T

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -24,9 +25,7 @@ def psd_inv(matrix: jax.Array, jitter: float = 1e-6) -> jax.Array:
     return chol_inv.T @ chol_inv
 
 
-#: Marsaglia-Tsang proposals drawn per gamma variate. For shape >= 1 each proposal is
-#: accepted with probability > 0.95, so all of them are rejected with probability
-#: below 0.05**16 < 2e-21 per variate (then the mode is returned; see below).
+#: Marsaglia-Tsang proposals drawn per gamma variate by default (see ``sample_log_gamma``).
 GAMMA_PROPOSALS = 16
 
 
@@ -53,40 +52,72 @@ def normal_from_uniform(u: jax.Array) -> jax.Array:
     return jax.scipy.special.ndtri(u)
 
 
-def log_gamma_from_uniforms(u: jax.Array, shape_param: jax.Array) -> jax.Array:
-    """log G with G ~ Gamma(shape_param, 1) from uniforms ``u`` of shape (2K+1, *shape_param.shape).
+def rejection_sample(key, propose, shape, num_uniforms: int, num_proposals: int, dtype, repair: bool):
+    """Elementwise rejection sampling with ``num_proposals`` proposals pre-drawn in one call.
 
-    Marsaglia-Tsang rejection for shape a + 1 (a < 1) or a (a >= 1) over K
-    pre-drawn proposals (normal from ``u[:K]``, acceptance uniform from
-    ``u[K:2K]``), keeping the first accepted one; then the boost
-    log G(a) = log G(a + 1) + log(u[2K]) / a for a < 1, accurate for tiny shapes
-    where G itself underflows. If all K proposals are rejected (probability
-    < 2e-21 for K = 16) the mode's log, log(d), is returned: a truncation far below
-    float64 resolution of any moment. Vectorised, loop-free and cheap to compile, unlike
-    ``jax.random.gamma``'s per-element while loops.
+    ``propose(u)`` maps uniforms ``u`` of shape (num_uniforms, n, *shape) to
+    (accept, value), both (n, *shape). Each element keeps its first accepted
+    proposal. With ``repair``, elements that rejected all of them draw further
+    proposals one at a time in a while loop until every element has accepted:
+    exactly sequential rejection sampling. Without it, an element that rejected
+    all proposals keeps the value of the last one; callers choose
+    ``num_proposals`` so that this has negligible probability (documented there),
+    which saves the loop's compile time for small arrays.
     """
-    num = (u.shape[0] - 1) // 2
+    k_main, k_more = jax.random.split(key)
+    (u,) = uniforms(k_main, (num_uniforms, num_proposals) + tuple(shape), dtype=dtype)
+    accept, value = propose(u)
+    first = jnp.where(jnp.any(accept, axis=0), jnp.argmax(accept, axis=0), num_proposals - 1)
+    done = jnp.any(accept, axis=0)
+    value = jnp.take_along_axis(value, first[None], axis=0)[0]
+    if not repair:
+        return value
+
+    def more(carry):
+        i, done, value = carry
+        (u,) = uniforms(jax.random.fold_in(k_more, i), (num_uniforms, 1) + tuple(shape), dtype=dtype)
+        acc, val = propose(u)
+        return i + 1, done | acc[0], jnp.where(acc[0] & ~done, val[0], value)
+
+    _, _, value = jax.lax.while_loop(lambda c: ~jnp.all(c[1]), more, (0, done, value))
+    return value
+
+
+def _marsaglia_tsang(u: jax.Array, shape_param: jax.Array):
+    """Proposals for log Gamma(shape_param): u (3, n, ...) -> (accept, log value) (n, ...).
+
+    Marsaglia-Tsang for shape a + 1 (a < 1) or a (a >= 1): normal from u[0],
+    acceptance uniform u[1]; for a < 1 the boost log G(a) = log G(a + 1) +
+    log(u[2]) / a, accurate for tiny shapes where G itself underflows.
+    """
     dtype = shape_param.dtype
     small = shape_param < 1.0
     a = jnp.where(small, shape_param + 1.0, shape_param)
     d = a - 1.0 / 3.0
     c = 1.0 / jnp.sqrt(9.0 * d)
-    x = normal_from_uniform(u[:num].astype(dtype))
+    x = normal_from_uniform(u[0].astype(dtype))
     v = (1.0 + c * x) ** 3
     safe_v = jnp.where(v > 0, v, 1.0)
-    log_u = jnp.log(u[num : 2 * num].astype(dtype))
-    accept = (v > 0) & (log_u < 0.5 * x**2 + d - d * safe_v + d * jnp.log(safe_v))
-    first = jnp.argmax(accept, axis=0)
-    chosen = jnp.take_along_axis(safe_v, first[None], axis=0)[0]
-    log_value = jnp.log(d) + jnp.where(jnp.any(accept, axis=0), jnp.log(chosen), 0.0)
-    log_boost = jnp.log(u[2 * num].astype(dtype))
-    return jnp.where(small, log_value + log_boost / shape_param, log_value)
+    accept = (v > 0) & (jnp.log(u[1].astype(dtype)) < 0.5 * x**2 + d - d * safe_v + d * jnp.log(safe_v))
+    log_value = jnp.log(d) + jnp.log(safe_v)
+    boosted = log_value + jnp.log(u[2].astype(dtype)) / shape_param
+    return accept, jnp.where(small, boosted, log_value)
 
 
-def sample_log_gamma(key: jax.Array, shape_param: jax.Array) -> jax.Array:
-    """log G with G ~ Gamma(shape_param, 1), elementwise (see ``log_gamma_from_uniforms``)."""
-    (u,) = uniforms(key, (2 * GAMMA_PROPOSALS + 1, *shape_param.shape), dtype=shape_param.dtype)
-    return log_gamma_from_uniforms(u, shape_param)
+def sample_log_gamma(
+    key: jax.Array, shape_param: jax.Array, num_proposals: int = GAMMA_PROPOSALS, repair: bool = False
+) -> jax.Array:
+    """log G with G ~ Gamma(shape_param, 1), elementwise, by Marsaglia-Tsang rejection.
+
+    Loop-free by default: 16 proposals per variate, each accepted with probability
+    > 0.95, so all are rejected with probability < 2e-21 per variate (then the
+    last proposal is kept), far below float64 resolution of any moment. For large
+    per-frame arrays pass a few proposals and ``repair=True`` (exact, with a
+    while loop for the rare rejections). Cheap to compile, unlike
+    ``jax.random.gamma``'s per-element loops (about 1 s of compile each).
+    """
+    propose = functools.partial(_marsaglia_tsang, shape_param=shape_param)
+    return rejection_sample(key, propose, shape_param.shape, 3, num_proposals, shape_param.dtype, repair)
 
 
 def sample_gamma(key: jax.Array, shape_param: jax.Array) -> jax.Array:
@@ -104,10 +135,10 @@ def sample_log_dirichlet(key: jax.Array, concentration: jax.Array) -> jax.Array:
     return log_gammas - jax.nn.logsumexp(log_gammas, axis=-1, keepdims=True)
 
 
-def _inv_wishart_factor(u_chi: jax.Array, u_norm: jax.Array, df: jax.Array, scale: jax.Array) -> jax.Array:
+def _inv_wishart_factor(key: jax.Array, u_norm: jax.Array, df: jax.Array, scale: jax.Array) -> jax.Array:
     dim = scale.shape[-1]
     shapes = (df - jnp.arange(dim, dtype=scale.dtype)) / 2.0
-    chi = jnp.sqrt(2.0 * jnp.exp(log_gamma_from_uniforms(u_chi, shapes)))
+    chi = jnp.sqrt(2.0 * jnp.exp(sample_log_gamma(key, shapes)))
     normals = normal_from_uniform(u_norm)
     bartlett = jnp.tril(normals, -1) + jnp.diag(chi)
     eye = jnp.eye(dim, dtype=scale.dtype)
@@ -123,8 +154,9 @@ def sample_inv_wishart_factor(key: jax.Array, df: jax.Array, scale: jax.Array) -
     C W^{-1} C^T ~ IW(df, C C^T) for C = chol(scale).
     """
     dim = scale.shape[-1]
-    u_chi, u_norm = uniforms(key, (2 * GAMMA_PROPOSALS + 1, dim), (dim, dim), dtype=scale.dtype)
-    return _inv_wishart_factor(u_chi, u_norm, df, scale)
+    k_chi, k_norm = jax.random.split(key)
+    (u_norm,) = uniforms(k_norm, (dim, dim), dtype=scale.dtype)
+    return _inv_wishart_factor(k_chi, u_norm, df, scale)
 
 
 def sample_mniw(
@@ -132,10 +164,9 @@ def sample_mniw(
 ) -> tuple[jax.Array, jax.Array]:
     """(B, Q) ~ MNIW: Q ~ IW(df, scale), B | Q ~ MatrixNormal(mean, row cov Q, col cov col_cov)."""
     dim = scale.shape[-1]
-    u_chi, u_norm, u_coef = uniforms(
-        key, (2 * GAMMA_PROPOSALS + 1, dim), (dim, dim), mean.shape, dtype=mean.dtype
-    )
-    factor = _inv_wishart_factor(u_chi, u_norm, df, scale)
+    k_chi, k_norm = jax.random.split(key)
+    u_norm, u_coef = uniforms(k_norm, (dim, dim), mean.shape, dtype=mean.dtype)
+    factor = _inv_wishart_factor(k_chi, u_norm, df, scale)
     cov = factor @ factor.T
     cov = 0.5 * (cov + cov.T)
     coef = mean + factor @ normal_from_uniform(u_coef) @ psd_cholesky(col_cov).T

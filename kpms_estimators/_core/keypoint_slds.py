@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from . import arhmm, kalman
 from . import keypoints as kp
-from .autoregressive import num_lags
+from .autoregressive import ARParams, ar_path_log_likelihoods, num_lags
 
 #: Incremented each time a sweep is traced (tests assert one trace per shape).
 TRACE_COUNTS = {"keypoint_slds.gibbs_step": 0}
@@ -106,10 +106,11 @@ def sample_v(key, state: KeypointState, data: KeypointData, hypers: KeypointHype
 def log_likelihood_terms(state: KeypointState, data: KeypointData, hypers: KeypointHypers) -> dict:
     """Per-term log joint of spec 6: "z", "x", "Y", "s", "v"."""
     params = state.params
-    n_lags = num_lags(hypers.arhmm.ar)
-    ar_data = arhmm.ARHMMData(state.x, data.mask)
-    log_likes = arhmm.masked_log_likes(ar_data, params.ar)
-    terms = arhmm.log_likelihood_terms(state.z, log_likes, params.pi, arhmm.label_mask(data.mask, n_lags))
+    lmask = arhmm.label_mask(data.mask, num_lags(hypers.arhmm.ar)).astype(data.Y.dtype)
+    terms = {
+        "z": arhmm.transition_log_likelihood(state.z, params.pi, lmask),
+        "x": jnp.sum(ar_path_log_likelihoods(state.x, state.z, ARParams(params.Ab, params.Q)) * lmask),
+    }
     errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
     terms["Y"] = kp.emission_log_likelihood(errors, state.s, params.sigmasq, data.mask, data.Y.shape[-1])
     terms["s"] = kp.scale_log_prior(state.s, data.s0, hypers.nu_s, data.mask)

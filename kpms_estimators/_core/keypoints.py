@@ -8,16 +8,20 @@ Cd (O', P + 1) with O' = (K - 1) * D, Gamma (K, K - 1) the centring embedding.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .distributions import GAMMA_PROPOSALS, log_gamma_from_uniforms, uniforms
+from .distributions import rejection_sample, sample_log_gamma
 
-#: Best-Fisher proposals pre-drawn per heading; each is accepted with probability
-#: > 0.65 at any concentration, so all fail with probability < 0.35**32 < 3e-15
-#: per frame (then the mode, the mean direction, is returned).
-VON_MISES_PROPOSALS = 32
+#: Best-Fisher proposals pre-drawn per heading (more are drawn for the ~1.5% of frames
+#: that reject all of them; see ``sample_von_mises``).
+VON_MISES_PROPOSALS = 4
+#: Marsaglia-Tsang proposals pre-drawn per local noise scale (shape >= 1.5, each accepted
+#: with probability > 0.95; the rare rest are redrawn in a loop).
+SCALE_PROPOSALS = 3
 
 
 def centring_embedding(num_keypoints: int) -> np.ndarray:
@@ -59,14 +63,8 @@ def world_prediction(x, h, v, Cd, Gamma) -> jax.Array:
     return rotate(aligned_prediction(x, Cd, Gamma), h) + v[..., None, :]
 
 
-def von_mises_from_uniforms(u: jax.Array, mean: jax.Array, concentration: jax.Array) -> jax.Array:
-    """VonMises(mean, concentration) by Best-Fisher rejection over pre-drawn proposals.
-
-    ``u`` has shape (3, N, *mean.shape) for N proposals. The first accepted one is
-    kept; if none is (probability < 3e-15 for N = 32) the mean is returned. A
-    concentration below 1e-8 gives a uniform angle (the exact limit; spec 12.7).
-    Output in (-pi, pi].
-    """
+def _best_fisher(u: jax.Array, mean: jax.Array, concentration: jax.Array):
+    """Best-Fisher proposals for VonMises(mean, concentration): u (3, n, ...) -> (accept, angle)."""
     dtype = mean.dtype
     kappa = jnp.maximum(concentration, 1e-8)
     tau = 1.0 + jnp.sqrt(1.0 + 4.0 * kappa**2)
@@ -77,13 +75,23 @@ def von_mises_from_uniforms(u: jax.Array, mean: jax.Array, concentration: jax.Ar
     c = kappa * (r - f)
     u2 = u[1].astype(dtype)
     accept = (c * (2.0 - c) - u2 > 0) | (jnp.log(c / u2) + 1.0 - c >= 0)
-    first = jnp.argmax(accept, axis=0)
-    f_chosen = jnp.take_along_axis(f, first[None], axis=0)[0]
-    sign = jnp.where(jnp.take_along_axis(u[2], first[None], axis=0)[0] > 0.5, 1.0, -1.0)
-    offset = jnp.where(jnp.any(accept, axis=0), sign * jnp.arccos(jnp.clip(f_chosen, -1.0, 1.0)), 0.0)
-    uniform_angle = (2.0 * u[2, 0].astype(dtype) - 1.0) * jnp.pi
-    angle = jnp.where(concentration < 1e-8, uniform_angle, mean + offset)
-    return wrap_angle(angle)
+    sign = jnp.where(u[2] > 0.5, 1.0, -1.0).astype(dtype)
+    uniform_angle = (2.0 * u[2].astype(dtype) - 1.0) * jnp.pi
+    flat = concentration < 1e-8
+    angle = jnp.where(flat, uniform_angle, mean + sign * jnp.arccos(jnp.clip(f, -1.0, 1.0)))
+    return accept | flat, wrap_angle(angle)
+
+
+def sample_von_mises(key, mean: jax.Array, concentration: jax.Array) -> jax.Array:
+    """VonMises(mean, concentration) elementwise, exactly, by Best-Fisher rejection.
+
+    ``VON_MISES_PROPOSALS`` proposals are pre-drawn per element (each accepted
+    with probability > 0.65 at any concentration) and the rare elements that reject
+    all of them draw more in a loop. A concentration below 1e-8 gives a uniform
+    angle (the exact limit; spec 12.7). Output in (-pi, pi].
+    """
+    propose = functools.partial(_best_fisher, mean=mean, concentration=concentration)
+    return rejection_sample(key, propose, mean.shape, 3, VON_MISES_PROPOSALS, mean.dtype, repair=True)
 
 
 def wrap_angle(angle: jax.Array) -> jax.Array:
@@ -104,8 +112,7 @@ def heading_concentration(Y, x, v, s, sigmasq, Cd, Gamma) -> tuple[jax.Array, ja
 def sample_heading(key, Y, x, v, s, sigmasq, Cd, Gamma) -> jax.Array:
     """h_t ~ VonMises(atan2(ks_t, kc_t), sqrt(kc_t^2 + ks_t^2)), every frame (spec 4.3)."""
     kc, ks = heading_concentration(Y, x, v, s, sigmasq, Cd, Gamma)
-    (u,) = uniforms(key, (3, VON_MISES_PROPOSALS) + kc.shape, dtype=kc.dtype)
-    return von_mises_from_uniforms(u, jnp.arctan2(ks, kc), jnp.hypot(kc, ks))
+    return sample_von_mises(key, jnp.arctan2(ks, kc), jnp.hypot(kc, ks))
 
 
 def centroid_pseudo_obs(Y, x, h, s, sigmasq, mask, Cd, Gamma) -> tuple[jax.Array, jax.Array]:
@@ -127,10 +134,6 @@ def squared_errors(Y, x, h, v, Cd, Gamma) -> jax.Array:
     return jnp.sum((Y - world_prediction(x, h, v, Cd, Gamma)) ** 2, axis=-1)
 
 
-def _chi2_from_uniforms(u, dof):
-    return 2.0 * jnp.exp(log_gamma_from_uniforms(u, dof / 2.0))
-
-
 def noise_dof(num_dims: int, reference_compat: bool) -> int:
     """Coordinates per keypoint in the s / sigmasq conjugate updates: D (exact) or 3 (reference)."""
     return 3 if reference_compat else num_dims
@@ -138,9 +141,9 @@ def noise_dof(num_dims: int, reference_compat: bool) -> int:
 
 def sample_local_scales(key, errors, s0, sigmasq, nu_s, dof) -> jax.Array:
     """s_tk ~ InvGamma((nu_s + dof)/2, (nu_s s0_tk + e_tk/sigmasq_k)/2), every frame (spec 4.6)."""
-    (u,) = uniforms(key, (2 * GAMMA_PROPOSALS + 1,) + errors.shape, dtype=errors.dtype)
-    shape = jnp.broadcast_to(jnp.asarray(nu_s + dof, errors.dtype), errors.shape)
-    return (nu_s * s0 + errors / sigmasq) / _chi2_from_uniforms(u, shape)
+    shape = jnp.broadcast_to(jnp.asarray((nu_s + dof) / 2.0, errors.dtype), errors.shape)
+    chi2 = 2.0 * jnp.exp(sample_log_gamma(key, shape, num_proposals=SCALE_PROPOSALS, repair=True))
+    return (nu_s * s0 + errors / sigmasq) / chi2
 
 
 def sample_global_scales(key, errors, s, mask, nu_sigma, sigmasq_0, dof) -> jax.Array:
@@ -148,9 +151,8 @@ def sample_global_scales(key, errors, s, mask, nu_sigma, sigmasq_0, dof) -> jax.
     weight = mask.astype(errors.dtype)[..., None]
     sse = jnp.sum((weight * errors / s).reshape(-1, errors.shape[-1]), axis=0)
     degs = nu_sigma + dof * jnp.sum(mask)
-    (u,) = uniforms(key, (2 * GAMMA_PROPOSALS + 1, errors.shape[-1]), dtype=errors.dtype)
-    shape = jnp.broadcast_to(jnp.asarray(degs, errors.dtype), sse.shape)
-    return (nu_sigma * sigmasq_0 + sse) / _chi2_from_uniforms(u, shape)
+    shape = jnp.broadcast_to(jnp.asarray(degs / 2.0, errors.dtype), sse.shape)
+    return (nu_sigma * sigmasq_0 + sse) / (2.0 * jnp.exp(sample_log_gamma(key, shape)))
 
 
 def emission_log_likelihood(errors, s, sigmasq, mask, num_dims) -> jax.Array:
