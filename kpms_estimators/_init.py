@@ -28,6 +28,25 @@ MAX_AUTO_LATENT_DIM = 10
 MAD_FLOOR = 0.1
 
 
+#: Seed of the uniform jitter added once to the coordinates (spec 1.8).
+ADDED_NOISE_SEED = 42
+
+
+def formatted_arrays(batch, added_noise_level: float, conf_pseudocount: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Y, conf) of a batch as the model sees them (spec 1 steps 7-8).
+
+    Y gets U(-a, a) jitter with a = ``added_noise_level`` from a generator seeded
+    with 42 (deterministic given the data); confidences (all ones when the input had
+    none) get ``conf_pseudocount`` added, padding included.
+    """
+    Y = batch.values
+    if added_noise_level:
+        rng = np.random.default_rng(ADDED_NOISE_SEED)
+        Y = Y + rng.uniform(-added_noise_level, added_noise_level, size=Y.shape)
+    conf = np.ones(batch.mask.shape + (Y.shape[2],)) if batch.conf is None else batch.conf
+    return Y, conf + conf_pseudocount
+
+
 def noise_prior(conf: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     """s0 = 10 ** (2 (slope log10(conf + 1e-6) + intercept)): prior variance per point (spec 2.1)."""
     return 10.0 ** (2.0 * (slope * np.log10(conf + 1e-6) + intercept))

@@ -23,9 +23,6 @@ _init_given_params = jax.jit(core.init_states_given_params, static_argnames="ref
 _posterior_marginals = jax.jit(core.posterior_marginals)
 _predictive = jax.jit(core.predictive_log_likelihoods)
 
-_NOISE_ADDED_SEED = 42
-
-
 class KeypointSLDS(GibbsEstimator):
     """keypoint-MoSeq: a switching linear dynamical system on keypoints, fitted by Gibbs sampling.
 
@@ -276,12 +273,7 @@ class KeypointSLDS(GibbsEstimator):
         return np.array(out)
 
     def _core_data(self, recordings, batch) -> core.KeypointData:
-        Y = batch.values
-        if self.added_noise_level:
-            rng = np.random.default_rng(_NOISE_ADDED_SEED)
-            Y = Y + rng.uniform(-self.added_noise_level, self.added_noise_level, size=Y.shape)
-        conf = np.ones(batch.mask.shape + (Y.shape[2],)) if batch.conf is None else batch.conf
-        conf = conf + self.conf_pseudocount
+        Y, conf = _init.formatted_arrays(batch, self.added_noise_level, self.conf_pseudocount)
         s0 = _init.noise_prior(conf, self.noise_slope, self.noise_intercept)
         gamma = centring_embedding(Y.shape[2])
         return core.KeypointData(
