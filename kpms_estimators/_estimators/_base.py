@@ -147,18 +147,25 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
                 history = {k: list(v) for k, v in self.log_likelihood_terms_.items()}
                 stages = list(self.stage_history_)
             schedule = self._schedule(first, data)
-            chain, key = self._run_sweeps(key, chain, data, schedule, history, stages)
+            n_before = len(stages)
+            chain, key, interrupted = self._run_sweeps(key, chain, data, schedule, history, stages)
+        self._store_chain(chain, key, history, stages, getattr(self, "n_iter_", 0) + len(stages) - n_before)
+        self._fingerprint_ = fingerprint
+        self._set_fitted_attributes(recordings, batch)
+        if interrupted:  # the completed sweeps are kept; let the caller see the interrupt
+            raise KeyboardInterrupt
+        return self
+
+    def _store_chain(self, chain, key, history, stages, n_iter):
+        """Set the chain's fitted attributes (state, key, per-sweep history)."""
         self.chain_state_ = _to_numpy(chain)
         self.rng_key_ = np.asarray(jax.random.key_data(key))
-        self._fingerprint_ = fingerprint
-        self.n_iter_ = getattr(self, "n_iter_", 0) + sum(n for _, n, _, _ in schedule)
+        self.n_iter_ = int(n_iter)
         self.log_likelihood_terms_ = {k: np.asarray(v, dtype=np.float64) for k, v in history.items()}
         self.stage_history_ = np.asarray(stages, dtype=str)
         self.log_likelihood_history_ = sum(
-            self.log_likelihood_terms_[k] for k in self._likelihood_terms
+            self.log_likelihood_terms_.get(k, np.zeros(len(stages))) for k in self._likelihood_terms
         )
-        self._set_fitted_attributes(recordings, batch)
-        return self
 
     def fit_transform(self, X, y=None, *, sequence_ids=None):
         """``fit`` then ``transform`` on the same data (same ``sequence_ids``)."""
@@ -168,20 +175,31 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
         """The stages of one ``partial_fit`` call: (name, sweeps, jitted step, hypers)."""
         return [("full", int(self.n_iter), self._gibbs_step, self._hypers(data))]
 
-    def _run_sweeps(self, key, chain, data, schedule, history, stages):
-        for stage, n_sweeps, step, hypers in schedule:
-            progress = tqdm(range(n_sweeps), disable=not self.verbose, desc=f"{type(self).__name__} ({stage})")
-            for _ in progress:
-                key, step_key = jax.random.split(key)
-                chain, info = step(step_key, chain, data, hypers)
-                info = {k: float(v) for k, v in info.items()}
-                for name, value in info.items():
-                    history.setdefault(name, []).append(value)
-                stages.append(stage)
-                if self.verbose:
-                    total = sum(info[k] for k in self._likelihood_terms)
-                    progress.set_postfix(log_lik=f"{total:.4g}", used=int(info.get("n_used", -1)))
-        return chain, key
+    def _run_sweeps(self, key, chain, data, schedule, history, stages, callback=None):
+        """Run the schedule's sweeps, appending per-sweep terms to ``history`` and ``stages``.
+
+        ``callback(chain, key)`` runs after every sweep (checkpointing). Ctrl-C
+        stops after the last complete sweep: returns (chain, key, interrupted).
+        """
+        try:
+            for stage, n_sweeps, step, hypers in schedule:
+                progress = tqdm(range(n_sweeps), disable=not self.verbose, desc=f"{type(self).__name__} ({stage})")
+                for _ in progress:
+                    next_key, step_key = jax.random.split(key)
+                    new_chain, info = step(step_key, chain, data, hypers)
+                    info = {k: float(v) for k, v in info.items()}
+                    chain, key = new_chain, next_key  # only a complete sweep replaces the chain
+                    for name, value in info.items():
+                        history.setdefault(name, []).append(value)
+                    stages.append(stage)
+                    if callback is not None:
+                        callback(chain, key)
+                    if self.verbose:
+                        total = sum(info[k] for k in self._likelihood_terms)
+                        progress.set_postfix(log_lik=f"{total:.4g}", used=int(info.get("n_used", -1)))
+        except KeyboardInterrupt:
+            return chain, key, True
+        return chain, key, False
 
     def _check_fitted(self):
         check_is_fitted(self, "chain_state_")

@@ -357,7 +357,9 @@ class KeypointSLDS(GibbsEstimator):
         self.sigmasq_loc_ = (
             float(self.sigmasq_loc) if self.sigmasq_loc is not None else _init.estimate_sigmasq_loc(np.asarray(data.Y), mask)
         )
-        hypers = self._hypers(data)  # now with the chosen latent_dim and sigmasq_loc
+        # now with the chosen latent_dim and sigmasq_loc; the first stage's stickiness, as the
+        # reference initialises with the config's kappa before the AR-only stage
+        hypers = self._hypers(data, kappa=self.ar_kappa if self.n_ar_iter > 0 else None)
         x0 = _init.project(flat, emission.Cd)
         return _init_state(
             key, jnp.asarray(x0), jnp.asarray(h0), jnp.asarray(v0), data, hypers, jnp.asarray(emission.Cd),
@@ -420,18 +422,27 @@ class KeypointSLDS(GibbsEstimator):
             else:
                 key, init_key = jax.random.split(key)
                 state, n_burn = self._init_states(init_key, self.chain_state_, data), int(self.n_apply_iter)
-            step = functools.partial(_step, switches=self._switches(states_only=True))
-            total = None
-            for i in range(n_burn + n_samples):
-                key, step_key = jax.random.split(key)
-                state, _ = step(step_key, state, data, hypers)
-                if i >= n_burn:
-                    marg = _posterior_marginals(state, data)
-                    total = marg if total is None else total + marg
-            marginals = None if total is None else np.asarray(total) / n_samples
+            state, marginals = self._sample_states(key, state, data, hypers, n_burn, n_samples)
             state = jax.tree_util.tree_map(np.asarray, state)
             log_pred = np.asarray(_predictive(state, data))
         return recordings, batch, state, marginals, log_pred
+
+    def _sample_states(self, key, state, data, hypers, n_burn, n_samples, steps_per_sample=1):
+        """States-only sweeps (parameters fixed): ``n_burn``, then ``n_samples`` x ``steps_per_sample``,
+        averaging p(z | x, params) after every ``steps_per_sample``-th sweep (spec 7-8).
+
+        Returns the final state and the averaged marginals (B, T-L, S), or None
+        when ``n_samples`` is 0.
+        """
+        step = functools.partial(_step, switches=self._switches(states_only=True))
+        total = None
+        for i in range(n_burn + n_samples * steps_per_sample):
+            key, step_key = jax.random.split(key)
+            state, _ = step(step_key, state, data, hypers)
+            if i >= n_burn and (i - n_burn) % steps_per_sample == 0:
+                marg = _posterior_marginals(state, data)
+                total = marg if total is None else total + marg
+        return state, (None if total is None else np.asarray(total) / n_samples)
 
     def _unbatch_labels(self, batch, values):
         return _data.unbatch(batch, values, offset=int(self.n_lags))

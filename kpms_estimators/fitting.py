@@ -1,0 +1,464 @@
+"""The keypoint-MoSeq functional API (``format_data``, ``init_model``, ``fit_model``, ...).
+
+Same names, arguments and semantics as keypoint-moseq's, so that switching is a
+change of import. Every function is a thin wrapper over the ``KeypointSLDS``
+estimator's own steps (formatting, initialisation, the Gibbs loop, the
+states-only apply sweeps); nothing here re-implements the sampler.
+
+A model is a dict ``{"seed", "states", "params", "hypparams", "noise_prior",
+"estimator"}``; ``estimator`` holds the constructor arguments and fitted
+attributes of the underlying ``KeypointSLDS`` (JSON-safe values and arrays).
+
+Differences from the reference, on purpose:
+
+- ``fit_model(num_iters=n, start_iter=i)`` runs exactly ``n - i`` sweeps, and
+  snapshots are labelled by the number of completed sweeps (the reference's
+  labels are off by one).
+- Checkpoints are one netCDF4 file, ``{project_dir}/{model_name}/checkpoint.nc``
+  (``kpms_estimators._checkpoint``), written atomically; no pickle.
+- ``location_aware=True`` needs the AlloKeypointSLDS model, not implemented yet.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+
+from . import _checkpoint, _data, _init
+from ._core import keypoint_slds as core
+from ._core.keypoints import centring_embedding
+from ._estimators._base import float64
+from ._estimators.keypoint_slds import KeypointSLDS, _step
+
+__all__ = [
+    "format_data", "init_model", "fit_model", "apply_model", "estimate_syllable_marginals",
+    "update_hypparams", "load_checkpoint", "extract_results",
+]
+
+_ALLO_GAP = (
+    "location_aware=True needs the location-aware model (AlloKeypointSLDS), which is not implemented yet"
+)
+#: hypparams group -> {reference name: KeypointSLDS constructor argument}
+_HYPPARAM_NAMES = {
+    "trans_hypparams": {"num_states": "n_states", "alpha": "alpha", "gamma": "gamma", "kappa": "kappa"},
+    "ar_hypparams": {"latent_dim": "latent_dim", "nlags": "n_lags", "S_0_scale": "S_0_scale", "K_0_scale": "K_0_scale"},
+    "obs_hypparams": {"nu_s": "nu_s", "nu_sigma": "nu_sigma", "sigmasq_0": "sigmasq_0"},
+    "cen_hypparams": {"sigmasq_loc": "sigmasq_loc"},
+}
+_STRUCTURAL = {"num_states", "latent_dim", "nlags"}
+
+
+# --------------------------------------------------------------------------- formatting
+def format_data(coordinates, confidences=None, keys=None, seg_length=None, bodyparts=None, use_bodyparts=None,
+                conf_pseudocount=1e-3, added_noise_level=0.1, **kwargs):
+    """Batch recordings into padded segments (spec 1). Returns ``(data, metadata)``.
+
+    ``coordinates``: ``{name: (T, K, D) array}`` (NaN where untracked);
+    ``confidences``: ``{name: (T, K)}`` or None. ``data = {"Y", "conf", "mask"}``,
+    ``metadata = (keys, bounds)`` with one recording name and one (start, end) per segment.
+    """
+    names = sorted(coordinates) if keys is None else list(keys)
+    missing = [k for k in names if k not in coordinates]
+    if missing:
+        raise ValueError(f"keys {missing} are not in coordinates (available: {sorted(coordinates)}).")
+    datasets = {}
+    for name in names:
+        pos = np.asarray(coordinates[name], dtype=np.float64)
+        if pos.ndim != 3:
+            raise ValueError(f"coordinates[{name!r}] must have shape (T, K, D), got {pos.shape}.")
+        kp = list(bodyparts) if bodyparts is not None else [f"kp{k}" for k in range(pos.shape[1])]
+        if len(kp) != pos.shape[1]:
+            raise ValueError(f"bodyparts has {len(kp)} names but coordinates[{name!r}] has {pos.shape[1]} keypoints.")
+        variables = {"position": (("time", "keypoints", "space"), pos)}
+        if confidences is not None:
+            conf = np.asarray(confidences[name], dtype=np.float64)
+            if np.any(conf < 0):
+                warnings.warn(f"Negative confidences in {name!r} clipped to 0.", UserWarning, stacklevel=2)
+                conf = np.clip(conf, 0, None)
+            variables["confidence"] = (("time", "keypoints"), conf)
+        datasets[name] = xr.Dataset(variables, coords={"keypoints": kp})
+    min_length = _data.MIN_FRAGMENT_LENGTH + 1
+    recordings = _data.from_poses(datasets, min_length=min_length, keypoints=use_bodyparts)
+    batch = _data.make_batch(recordings, seg_length)
+    Y, conf = _init.formatted_arrays(batch, added_noise_level, conf_pseudocount)
+    data = {"Y": Y, "conf": conf, "mask": batch.mask.astype(np.float64)}
+    metadata = (np.asarray(recordings.names)[batch.keys], batch.bounds.copy())
+    return data, metadata
+
+
+# --------------------------------------------------------------------------- model dict <-> estimator
+def _estimator_kwargs(trans_hypparams=None, ar_hypparams=None, obs_hypparams=None, cen_hypparams=None,
+                      error_estimator=None, conf_threshold=0.5, fix_heading=False, **kwargs):
+    out = {"conf_threshold": conf_threshold, "fix_heading": fix_heading}
+    for group, given in (("trans_hypparams", trans_hypparams), ("ar_hypparams", ar_hypparams),
+                         ("obs_hypparams", obs_hypparams), ("cen_hypparams", cen_hypparams)):
+        for name, value in (given or {}).items():
+            if name in _HYPPARAM_NAMES[group]:
+                out[_HYPPARAM_NAMES[group][name]] = value
+    if error_estimator is not None:
+        out["noise_slope"], out["noise_intercept"] = error_estimator["slope"], error_estimator["intercept"]
+    return out
+
+
+def _core_data(est: KeypointSLDS, data) -> core.KeypointData:
+    Y, conf, mask = (np.asarray(data[k], dtype=np.float64) for k in ("Y", "conf", "mask"))
+    s0 = _init.noise_prior(conf, est.noise_slope, est.noise_intercept)
+    return core.KeypointData(jnp.asarray(Y), jnp.asarray(conf), jnp.asarray(mask), jnp.asarray(s0),
+                             jnp.asarray(centring_embedding(Y.shape[2])))
+
+
+def _hypparams(est: KeypointSLDS) -> dict:
+    params = est.get_params()
+    groups = {g: {ref: params[mine] for ref, mine in names.items()} for g, names in _HYPPARAM_NAMES.items()}
+    groups["ar_hypparams"]["latent_dim"] = int(est.latent_dim_)
+    groups["cen_hypparams"]["sigmasq_loc"] = float(est.sigmasq_loc_)
+    return groups
+
+
+def _to_model(est: KeypointSLDS, state, key, noise_prior) -> dict:
+    state = jax.tree_util.tree_map(np.asarray, state)
+    fitted = {k: v for k, v in vars(est).items() if k.endswith("_") and k not in est._CHECKPOINT_OWN}
+    return {
+        "seed": np.asarray(jax.random.key_data(key)),
+        "states": {k: getattr(state, k) for k in ("x", "z", "v", "h", "s")},
+        "params": state.params._asdict(),
+        "hypparams": _hypparams(est),
+        "noise_prior": np.asarray(noise_prior),
+        "estimator": {"params": est.get_params(), "fitted": fitted,
+                      "history": {k: list(v) for k, v in getattr(est, "log_likelihood_terms_", {}).items()},
+                      "stages": list(getattr(est, "stage_history_", []))},
+    }
+
+
+def _from_model(model: dict):
+    """(estimator, chain state, key) from a model dict."""
+    est = KeypointSLDS(**model["estimator"]["params"])
+    for name, value in model["estimator"]["fitted"].items():
+        setattr(est, name, value)
+    with float64():  # outside it, jnp.asarray would round float64 arrays to float32
+        params = core.KeypointParams(**{k: jnp.asarray(v) for k, v in model["params"].items()})
+        states = {k: jnp.asarray(v) for k, v in model["states"].items()}
+    state = core.KeypointState(params, states["x"], states["z"], states["h"], states["v"], states["s"])
+    return est, state, jax.random.wrap_key_data(np.asarray(model["seed"], dtype=np.uint32))
+
+
+# --------------------------------------------------------------------------- public API
+def init_model(data=None, states=None, params=None, hypparams=None, noise_prior=None, seed=0, pca=None,
+               anterior_idxs=None, posterior_idxs=None, location_aware=False, allo_hypparams=None,
+               trans_hypparams=None, ar_hypparams=None, obs_hypparams=None, cen_hypparams=None,
+               error_estimator=None, conf_threshold=0.5, fix_heading=False, verbose=False, **kwargs) -> dict:
+    """Initialise a keypoint SLDS on formatted ``data`` (spec 2): PCA, alignment, starting states.
+
+    ``hypparams`` (a dict of the four groups) overrides the group arguments.
+    ``seed`` is an int or JAX key data. Passing ``params`` and ``hypparams`` (as
+    ``apply_model`` does) skips the PCA and initialises states under those
+    parameters. A user-supplied ``pca`` is not supported: the PCA is fitted here.
+    """
+    if location_aware or allo_hypparams is not None:
+        raise NotImplementedError(_ALLO_GAP)
+    if pca is not None:
+        raise NotImplementedError("init_model fits its own PCA (spec 2.3); passing pca= is not supported.")
+    if data is None:
+        raise ValueError("init_model needs the formatted data (from format_data).")
+    if hypparams is not None:
+        trans_hypparams = hypparams.get("trans_hypparams", trans_hypparams)
+        ar_hypparams = hypparams.get("ar_hypparams", ar_hypparams)
+        obs_hypparams = hypparams.get("obs_hypparams", obs_hypparams)
+        cen_hypparams = hypparams.get("cen_hypparams", cen_hypparams)
+    est = KeypointSLDS(**_estimator_kwargs(trans_hypparams, ar_hypparams, obs_hypparams, cen_hypparams,
+                                           error_estimator, conf_threshold, fix_heading),
+                       anterior_keypoints=anterior_idxs, posterior_keypoints=posterior_idxs, verbose=verbose)
+    n_kp = np.asarray(data["Y"]).shape[2]
+    names = [f"kp{k}" for k in range(n_kp)]
+    est._anterior_ = est._keypoint_positions(anterior_idxs, names, 0, "anterior")
+    est._posterior_ = est._keypoint_positions(posterior_idxs, names, n_kp - 1, "posterior")
+    est.keypoints_ = names
+    key = jax.random.key(seed) if np.ndim(seed) == 0 else jax.random.wrap_key_data(np.asarray(seed, np.uint32))
+    with float64():
+        cdata = _core_data(est, data)
+        key, init_key = jax.random.split(key)
+        if params is not None:
+            est.latent_dim_ = int(np.asarray(params["Cd"]).shape[1] - 1)
+            est.sigmasq_loc_ = float((cen_hypparams or {}).get("sigmasq_loc", 1.0))
+            state = core.KeypointState(core.KeypointParams(**{k: jnp.asarray(v) for k, v in params.items()}),
+                                       *([None] * 5))  # only the parameters are used
+            state = est._init_states(init_key, state, cdata)
+        else:
+            if cen_hypparams and cen_hypparams.get("sigmasq_loc") is not None:
+                est.set_params(sigmasq_loc=cen_hypparams["sigmasq_loc"])
+            state = est._init_chain(init_key, cdata)
+    return _to_model(est, state, key, cdata.s0)
+
+
+def update_hypparams(model_dict: dict, **kwargs) -> dict:
+    """Change scalar hyperparameters (e.g. ``kappa``) of a model, in place; returns it (spec 10).
+
+    Unknown names and structural changes (num_states, latent_dim, nlags) raise
+    and change nothing.
+    """
+    owners = {ref: group for group, names in _HYPPARAM_NAMES.items() for ref in names}
+    for name, value in kwargs.items():
+        if name not in owners:
+            raise ValueError(f"Unknown hyperparameter {name!r}; known: {sorted(owners)}.")
+        if name in _STRUCTURAL and value != model_dict["hypparams"][owners[name]][name]:
+            raise ValueError(f"{name} is structural: changing it ({model_dict['hypparams'][owners[name]][name]} -> "
+                             f"{value}) needs a new model (init_model).")
+        if not np.isscalar(value):
+            raise ValueError(f"{name} must be a scalar, got {value!r}.")
+    for name, value in kwargs.items():
+        model_dict["hypparams"][owners[name]][name] = value
+        model_dict["estimator"]["params"][_HYPPARAM_NAMES[owners[name]][name]] = value
+        if name == "sigmasq_loc":
+            model_dict["estimator"]["fitted"]["sigmasq_loc_"] = float(value)
+    return model_dict
+
+
+def _checkpoint_path(project_dir, model_name) -> Path:
+    return Path(project_dir) / model_name / "checkpoint.nc"
+
+
+def fit_model(model, data, metadata, project_dir=None, model_name=None, num_iters=50, start_iter=0,
+              verbose=False, ar_only=False, parallel_message_passing=None, jitter=0.001,
+              generate_progress_plots=True, save_every_n_iters=25, location_aware=False, **kwargs):
+    """Run ``num_iters - start_iter`` Gibbs sweeps of the model; returns ``(model, model_name)``.
+
+    ``ar_only`` resamples only the AR-HMM part (z and its parameters). With
+    ``project_dir``, a netCDF4 checkpoint ``{project_dir}/{model_name}/checkpoint.nc``
+    is saved every ``save_every_n_iters`` completed sweeps and at the end
+    (``None``: never); snapshots later than ``start_iter`` in an existing
+    checkpoint are deleted first. Ctrl-C returns the last complete model.
+    Progress plots are not implemented yet (``generate_progress_plots`` is ignored
+    with a warning when True and a project_dir is given).
+    """
+    if location_aware:
+        raise NotImplementedError(_ALLO_GAP)
+    if num_iters < start_iter:
+        raise ValueError(f"num_iters={num_iters} is less than start_iter={start_iter}.")
+    model_name = model_name or _dt.datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+    est, state, key = _from_model(model)
+    est.set_params(verbose=verbose, jitter=jitter, parallel_message_passing=parallel_message_passing)
+    history = {k: list(v) for k, v in model["estimator"]["history"].items()}
+    stages = list(model["estimator"]["stages"])
+    path = None
+    if project_dir is not None and save_every_n_iters is not None:
+        path = _checkpoint_path(project_dir, model_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if generate_progress_plots:
+            warnings.warn("Progress plots are not implemented yet; none written.", UserWarning, stacklevel=2)
+    with float64():
+        cdata = _core_data(est, data)
+        hypers = est._hypers(cdata)
+        stage = "ar_only" if ar_only else "full"
+        step = lambda k, s, d, h: _step(k, s, d, h, switches=est._switches(ar_only=ar_only))  # noqa: E731
+        schedule = [(stage, int(num_iters - start_iter), step, hypers)]
+        done = [start_iter]
+
+        def save(chain, k):
+            done[0] += 1
+            if path is not None and (done[0] % save_every_n_iters == 0 or done[0] == num_iters):
+                _save_snapshot(path, est, chain, k, history, stages, data, metadata, done[0], cdata.s0)
+
+        if path is not None and path.exists():
+            _checkpoint.delete_snapshots_after(path, start_iter)
+        state, key, interrupted = est._run_sweeps(key, state, cdata, schedule, history, stages, callback=save)
+        est._store_chain(state, key, history, stages, done[0])
+        model = _to_model(est, state, key, cdata.s0)
+    if interrupted:
+        warnings.warn(f"Interrupted: returning the model after {done[0]} sweeps.", UserWarning, stacklevel=2)
+    return model, model_name
+
+
+def _save_snapshot(path, est, chain, key, history, stages, data, metadata, iteration, noise_prior):
+    est._store_chain(chain, key, history, stages, iteration)
+    model = _to_model(est, chain, key, noise_prior)
+    hist = {k: np.asarray(v) for k, v in history.items()}
+    hist["stage"] = np.asarray(stages, dtype=str)
+    chain = jax.tree_util.tree_map(np.asarray, chain)
+    key_data = np.asarray(jax.random.key_data(key))
+    fitted = model["estimator"]["fitted"]
+    if not path.exists():
+        keys, bounds = metadata
+        _checkpoint.write_checkpoint(
+            path, model_name="KeypointSLDS", hyperparams=est.get_params(), fitted=fitted,
+            snapshots={iteration: (chain, key_data)}, history=hist,
+            data={k: np.asarray(v) for k, v in data.items()}, keys=np.asarray(keys), bounds=np.asarray(bounds),
+        )
+    else:
+        _checkpoint.add_snapshot(path, iteration, chain, key_data, hist)
+
+
+def load_checkpoint(project_dir=None, model_name=None, iteration=None, path=None):
+    """``(model, data, metadata, iteration)`` from a fit_model checkpoint (latest snapshot by default)."""
+    path = Path(path) if path is not None else _checkpoint_path(project_dir, model_name)
+    meta, state, key_data, history, iteration = _checkpoint.read_checkpoint(path, iteration)
+    data, keys, bounds = _checkpoint.read_data(path)
+    est = KeypointSLDS(**meta["hyperparams"])
+    for name, value in meta["fitted"].items():
+        setattr(est, name, value)
+    stages = [str(s) for s in history.pop("stage", [])]
+    est._store_chain(state, jax.random.wrap_key_data(np.asarray(key_data, np.uint32)), history, stages, iteration)
+    with float64():
+        s0 = _core_data(est, data).s0
+    model = _to_model(est, state, jax.random.wrap_key_data(np.asarray(key_data, np.uint32)), s0)
+    return model, data, (keys, bounds), iteration
+
+
+def _apply_states(model, data, num_iters, num_samples=0, steps_per_sample=1, return_samples=False):
+    est, _, key = _from_model(model)
+    with float64():
+        cdata = _core_data(est, data)
+        hypers = est._hypers(cdata)
+        key, init_key = jax.random.split(key)
+        _, fitted_state, _ = _from_model(model)
+        state = est._init_states(init_key, fitted_state, cdata)
+        state, marginals = est._sample_states(key, state, cdata, hypers, num_iters, num_samples, steps_per_sample)
+    return est, jax.tree_util.tree_map(np.asarray, state), marginals
+
+
+def extract_results(model, metadata, n_lags=None) -> dict:
+    """``{recording: {"syllable", "latent_state", "centroid", "heading"}}`` with padding removed (spec 7)."""
+    keys, bounds = metadata
+    batch = _batch_from_metadata(keys, bounds, np.asarray(model["states"]["x"]).shape[1])
+    n_lags = n_lags or model["hypparams"]["ar_hypparams"]["nlags"]
+    names = list(dict.fromkeys(np.asarray(keys).tolist()))
+    parts = {
+        "syllable": _data.unbatch(batch, model["states"]["z"], offset=n_lags),
+        "latent_state": _data.unbatch(batch, model["states"]["x"]),
+        "centroid": _data.unbatch(batch, model["states"]["v"]),
+        "heading": _data.unbatch(batch, model["states"]["h"]),
+    }
+    return {name: {k: parts[k][r] for k in parts} for r, name in enumerate(names)}
+
+
+def _batch_from_metadata(keys, bounds, width):
+    keys = np.asarray(keys)
+    names = list(dict.fromkeys(keys.tolist()))
+    codes = np.array([names.index(k) for k in keys])
+    bounds = np.asarray(bounds)
+    lengths = np.array([bounds[codes == r, 1].max() for r in range(len(names))])
+    mask = np.zeros((len(keys), width))
+    for b, (start, end) in enumerate(bounds):
+        mask[b, : end - start] = 1
+    return _data.Batch(values=np.zeros((len(keys), width, 1)), conf=None, mask=mask, keys=codes,
+                       bounds=bounds, seg_length=int(width - _data.OVERLAP), lengths=lengths)
+
+
+def apply_model(model, data, metadata, project_dir=None, model_name=None, num_iters=500, ar_only=False,
+                save_results=True, verbose=False, results_path=None, parallel_message_passing=None,
+                return_model=False, location_aware=False, overwrite=False, **kwargs):
+    """Infer states for (new) data with the model's parameters fixed (spec 7).
+
+    Runs ``num_iters`` states-only sweeps from a fresh initialisation and returns
+    the final sample per recording. With ``save_results``, writes them as netCDF
+    to ``results_path`` or ``{project_dir}/{model_name}/results.nc``; recordings
+    already in that file are refused unless ``overwrite=True``.
+    """
+    if location_aware:
+        raise NotImplementedError(_ALLO_GAP)
+    if ar_only:
+        raise NotImplementedError("apply_model(ar_only=True) is not supported yet.")
+    est, state, _ = _apply_states(model, data, num_iters)
+    applied = dict(model, states={k: getattr(state, k) for k in ("x", "z", "v", "h", "s")})
+    rank = np.argsort(est.syllable_order_) if hasattr(est, "syllable_order_") else None
+    results = extract_results(applied, metadata)
+    if rank is not None:
+        for res in results.values():
+            res["syllable"] = rank[res["syllable"]]
+    if save_results:
+        path = Path(results_path) if results_path else Path(project_dir) / model_name / "results.nc"
+        _write_results(path, results, overwrite)
+    return (results, applied) if return_model else results
+
+
+def _write_results(path: Path, results: dict, overwrite: bool) -> None:
+    """All recordings in one netCDF4 file: dims (recording, time), NaN / -1 past each recording's end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with xr.open_dataset(path, engine="netcdf4") as old:
+            old = old.load()
+        clash = sorted(set(old["recording"].values.tolist()) & set(results))
+        if clash and not overwrite:
+            raise ValueError(f"{path} already holds recordings {clash}; pass overwrite=True to replace them.")
+        keep = [r for r in old["recording"].values.tolist() if r not in results]
+        merged = {r: {k: old[k].sel(recording=r).values[: int(old["n_frames"].sel(recording=r))]
+                      for k in ("syllable", "latent_state", "centroid", "heading")} for r in keep}
+        results = {**merged, **results}
+    names = list(results)
+    width = max(len(r["syllable"]) for r in results.values())
+
+    def stack(name, fill):
+        first = np.asarray(results[names[0]][name])
+        out = np.full((len(names), width) + first.shape[1:], fill, dtype=first.dtype if fill == -1 else float)
+        for i, n in enumerate(names):
+            arr = np.asarray(results[n][name])
+            out[i, : len(arr)] = arr
+        return out
+
+    ds = xr.Dataset(
+        {
+            "syllable": (("recording", "time"), stack("syllable", -1)),
+            "latent_state": (("recording", "time", "latent_dim"), stack("latent_state", np.nan)),
+            "centroid": (("recording", "time", "space"), stack("centroid", np.nan)),
+            "heading": (("recording", "time"), stack("heading", np.nan)),
+            "n_frames": (("recording",), np.array([len(results[n]["syllable"]) for n in names])),
+        },
+        coords={"recording": names},
+        attrs={"library": "kpms_estimators", "padding": "syllable -1, others NaN past n_frames"},
+    )
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    ds.to_netcdf(tmp, engine="netcdf4")
+    os.replace(tmp, path)
+
+
+def estimate_syllable_marginals(model, data, metadata, burn_in_iters=200, num_samples=100, steps_per_sample=10,
+                                return_samples=False, verbose=False, parallel_message_passing=None,
+                                location_aware=False, **kwargs):
+    """Averaged forward-backward syllable marginals per recording (spec 8): ``{name: (T_r, S)}``.
+
+    Columns are in the model's syllable order (0 = most used) when the model was
+    fitted through the estimator or fit_model. ``return_samples`` also returns
+    ``{name: (num_samples, T_r)}`` sampled syllables (the documented orientation).
+    """
+    if location_aware:
+        raise NotImplementedError(_ALLO_GAP)
+    if not return_samples:
+        est, state, marginals = _apply_states(model, data, burn_in_iters, num_samples, steps_per_sample)
+        return _unbatch_marginals(est, model, metadata, marginals)
+    samples = []
+    est, _, key = _from_model(model)
+    with float64():
+        cdata = _core_data(est, data)
+        hypers = est._hypers(cdata)
+        key, init_key = jax.random.split(key)
+        _, fitted_state, _ = _from_model(model)
+        state = est._init_states(init_key, fitted_state, cdata)
+        state, _ = est._sample_states(key, state, cdata, hypers, burn_in_iters, 0)
+        total = None
+        for i in range(num_samples):
+            key, sub = jax.random.split(key)
+            state, marg = est._sample_states(sub, state, cdata, hypers, steps_per_sample - 1, 1)
+            total = marg if total is None else total + marg
+            samples.append(np.asarray(state.z))
+    marginals = _unbatch_marginals(est, model, metadata, total / num_samples)
+    batch = _batch_from_metadata(*metadata, np.asarray(model["states"]["x"]).shape[1])
+    n_lags = model["hypparams"]["ar_hypparams"]["nlags"]
+    per_sample = [_data.unbatch(batch, z, offset=n_lags) for z in samples]
+    names = list(marginals)
+    return marginals, {n: np.stack([s[r] for s in per_sample]) for r, n in enumerate(names)}
+
+
+def _unbatch_marginals(est, model, metadata, marginals):
+    batch = _batch_from_metadata(*metadata, np.asarray(model["states"]["x"]).shape[1])
+    n_lags = model["hypparams"]["ar_hypparams"]["nlags"]
+    per_rec = _data.unbatch(batch, marginals, offset=n_lags)
+    if hasattr(est, "syllable_order_"):
+        per_rec = [m[:, est.syllable_order_] for m in per_rec]
+    names = list(dict.fromkeys(np.asarray(metadata[0]).tolist()))
+    return dict(zip(names, per_rec))
