@@ -310,14 +310,20 @@ def load_checkpoint(project_dir=None, model_name=None, iteration=None, path=None
     return model, data, (keys, bounds), iteration
 
 
-def _apply_states(model, data, num_iters, num_samples=0, steps_per_sample=1, return_samples=False):
-    est, _, key = _from_model(model)
+def _applied_chain(model, data):
+    """(estimator, fresh states for ``data`` under the model's parameters, ..., key, core data, hypers)."""
+    est, fitted_state, key = _from_model(model)
     with float64():
         cdata = _core_data(est, data)
         hypers = est._hypers(cdata)
         key, init_key = jax.random.split(key)
-        _, fitted_state, _ = _from_model(model)
         state = est._init_states(init_key, fitted_state, cdata)
+    return est, state, fitted_state, key, cdata, hypers
+
+
+def _apply_states(model, data, num_iters, num_samples=0, steps_per_sample=1):
+    est, state, _, key, cdata, hypers = _applied_chain(model, data)
+    with float64():
         state, marginals = est._sample_states(key, state, cdata, hypers, num_iters, num_samples, steps_per_sample)
     return est, jax.tree_util.tree_map(np.asarray, state), marginals
 
@@ -432,13 +438,8 @@ def estimate_syllable_marginals(model, data, metadata, burn_in_iters=200, num_sa
         est, state, marginals = _apply_states(model, data, burn_in_iters, num_samples, steps_per_sample)
         return _unbatch_marginals(est, model, metadata, marginals)
     samples = []
-    est, _, key = _from_model(model)
+    est, state, _, key, cdata, hypers = _applied_chain(model, data)
     with float64():
-        cdata = _core_data(est, data)
-        hypers = est._hypers(cdata)
-        key, init_key = jax.random.split(key)
-        _, fitted_state, _ = _from_model(model)
-        state = est._init_states(init_key, fitted_state, cdata)
         state, _ = est._sample_states(key, state, cdata, hypers, burn_in_iters, 0)
         total = None
         for i in range(num_samples):

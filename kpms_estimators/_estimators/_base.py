@@ -201,6 +201,20 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
             return chain, key, True
         return chain, key, False
 
+    def _set_syllable_attributes(self, batch):
+        """Relabel syllables by frequency over real labelled frames (0 = most used; ties: lower index first)."""
+        chain = self.chain_state_
+        labelled = batch.mask[:, self.n_lags :] > 0
+        counts = np.bincount(chain.z[labelled].ravel(), minlength=self.n_states).astype(np.float64)
+        order = np.argsort(-counts, kind="stable")
+        params = chain.params
+        self.syllable_order_ = order
+        self.syllable_frequencies_ = counts[order] / max(counts.sum(), 1.0)
+        self.betas_ = params.betas[order]
+        self.transition_matrix_ = params.pi[np.ix_(order, order)]
+        self.ar_coefficients_ = params.Ab[order]
+        self.ar_covariances_ = params.Q[order]
+
     def _check_fitted(self):
         check_is_fitted(self, "chain_state_")
 

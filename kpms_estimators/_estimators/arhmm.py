@@ -175,17 +175,7 @@ class ARHMM(GibbsEstimator):
         return _resample_z(key, chain, data)
 
     def _set_fitted_attributes(self, recordings, batch):
-        chain = self.chain_state_
-        lmask = batch.mask[:, self.n_lags :]
-        counts = np.bincount(chain.z[lmask].ravel(), minlength=self.n_states).astype(np.float64)
-        order = np.argsort(-counts, kind="stable")
-        self.syllable_order_ = order
-        self.syllable_frequencies_ = counts[order] / max(counts.sum(), 1.0)
-        params = chain.params
-        self.betas_ = params.betas[order]
-        self.transition_matrix_ = params.pi[np.ix_(order, order)]
-        self.ar_coefficients_ = params.Ab[order]
-        self.ar_covariances_ = params.Q[order]
+        self._set_syllable_attributes(batch)
 
     # -- inference ----------------------------------------------------------
     def _per_frame(self, X, sequence_ids, compute, fill_lags=None):

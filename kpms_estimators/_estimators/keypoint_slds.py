@@ -387,17 +387,8 @@ class KeypointSLDS(GibbsEstimator):
 
     # -- fitted attributes ------------------------------------------------
     def _set_fitted_attributes(self, recordings, batch):
-        chain = self.chain_state_
-        lmask = batch.mask[:, self.n_lags :] > 0
-        counts = np.bincount(chain.z[lmask].ravel(), minlength=self.n_states).astype(np.float64)
-        order = np.argsort(-counts, kind="stable")
-        params = chain.params
-        self.syllable_order_ = order
-        self.syllable_frequencies_ = counts[order] / max(counts.sum(), 1.0)
-        self.betas_ = params.betas[order]
-        self.transition_matrix_ = params.pi[np.ix_(order, order)]
-        self.ar_coefficients_ = params.Ab[order]
-        self.ar_covariances_ = params.Q[order]
+        self._set_syllable_attributes(batch)
+        params = self.chain_state_.params
         self.noise_scales_ = params.sigmasq
         self.emission_ = params.Cd
 
