@@ -9,6 +9,8 @@ observations by dense linear algebra. The core runs under ``jax.enable_x64(True)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +138,164 @@ def assert_moments(samples, mean, cov, num_se=NUM_SE):
     np.testing.assert_array_less(np.abs(samples.mean(0) - mean), num_se * np.sqrt(var / n) + 1e-12)
     se = np.sqrt((np.outer(var, var) + cov**2) / n)
     np.testing.assert_array_less(np.abs(np.cov(samples, rowvar=False) - cov), num_se * se + 1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# Samplers under test
+# --------------------------------------------------------------------------- #
+def _as_jax(problem):
+    return {name: jnp.asarray(value) for name, value in problem.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _latent_draws(parallel):
+    """jit(vmap over keys) of sample_latent_x; the problem and jitter are traced arguments."""
+
+    def one(key, problem, jitter):
+        return kalman.sample_latent_x(key, **problem, jitter=jitter, parallel=parallel)
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+
+
+def _draw_latent(problem, parallel=False, jitter=0.0, seed=1):
+    keys = jax.random.split(jax.random.key(seed), NUM_DRAWS)
+    x, log_norm = _latent_draws(parallel)(keys, _as_jax(problem), jnp.asarray(jitter))
+    return np.asarray(x).reshape(NUM_DRAWS, -1), np.asarray(log_norm)
+
+
+#: (n_lags, padded frames): a padded tail as in a real batch, and padded leading frames,
+#: which for L >= 2 are prior-conditioning frames (true variance, mask ignored) and for
+#: L = 1 give the t' = 0 emission variance 10 and a padded-source first transition.
+CASES = [(1, (9, 10)), (2, (9, 10)), (3, (9, 10)), (1, (0, 10)), (3, (0, 1, 10))]
+
+
+# --------------------------------------------------------------------------- #
+# sample_latent_x (spec 4.2)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("n_lags,pad", CASES)
+def test_latent_x_matches_dense_posterior(n_lags, pad):
+    """Serial FFBS with jitter = 0: draws of the unpacked x have the dense posterior's mean
+    (within 5 standard errors) and covariance (every entry within 5 standard errors of the
+    Gaussian sample-covariance estimator); the log-normaliser is the dense log evidence."""
+    problem = _problem(seed=10 + n_lags, num_lags=n_lags, pad=pad)
+    mean, cov, _, _, log_evidence = dense_latent_posterior(**problem)
+    with jax.enable_x64(True):
+        x, log_norm = _draw_latent(problem)
+    assert x.shape == (NUM_DRAWS, problem["ytil"].shape[0] * problem["Ab"].shape[1])
+    assert_moments(x, mean, cov)
+    np.testing.assert_allclose(log_norm, log_evidence, rtol=1e-8)
+
+
+@pytest.mark.parametrize("n_lags", [1, 3])
+def test_parallel_sampler_matches_serial(n_lags):
+    """The associative-scan sampler draws from the same distribution (dense moments, with and
+    without jitter) and returns the serial log-normaliser."""
+    problem = _problem(seed=20 + n_lags, num_lags=n_lags)
+    mean, cov, post_lifted, select, _ = dense_latent_posterior(**problem)
+    with jax.enable_x64(True):
+        x_par, log_par = _draw_latent(problem, parallel=True, seed=2)
+        _, log_ser = _draw_latent(problem, parallel=False, seed=3)
+        x_jit, _ = _draw_latent(problem, parallel=True, jitter=0.05, seed=4)
+    assert_moments(x_par, mean, cov)
+    np.testing.assert_allclose(log_par, log_ser, rtol=1e-10)
+    lifted = n_lags * problem["Ab"].shape[1]
+    assert_moments(x_jit, mean, cov + select @ jitter_inflation(post_lifted, lifted, 0.05) @ select.T)
+
+
+def test_jitter_inflates_backward_conditionals():
+    """Drawing each X_t' | X_{t'+1} from N(m, C + jitter I) leaves the mean alone and adds the
+    covariance of D_t' = G_t' D_{t'+1} + N(0, jitter I) (see ``jitter_inflation``); the
+    added variance is many standard errors large, so the check has power."""
+    jitter = 0.05
+    problem = _problem(seed=12, num_lags=2)
+    mean, cov, post_lifted, select, _ = dense_latent_posterior(**problem)
+    inflated = cov + select @ jitter_inflation(post_lifted, 2 * problem["Ab"].shape[1], jitter) @ select.T
+    se = np.sqrt(2 * np.diag(cov) ** 2 / NUM_DRAWS)
+    assert np.max((np.diag(inflated) - np.diag(cov)) / se) > 20
+    with jax.enable_x64(True):
+        x, _ = _draw_latent(problem, jitter=jitter, seed=5)
+    assert np.all(np.isfinite(x))
+    assert_moments(x, mean, inflated)
+
+
+# --------------------------------------------------------------------------- #
+# sample_random_walk (spec 4.4)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("parallel", [False, True])
+def test_random_walk_matches_dense(parallel):
+    """v draws against dense conditioning, with padded frames inside (their outgoing steps have
+    variance 10 * sigmasq_loc): per-coordinate means and the full (T*D) covariance."""
+    rng = np.random.default_rng(7)
+    num_frames, dim, sigmasq_loc, prior_var = 10, 2, 0.3, 1e4
+    mask = np.ones(num_frames)
+    mask[[3, 4, 8]] = 0
+    obs_mean = rng.normal(0, 2.0, (num_frames, dim))
+    obs_var = np.where(mask > 0, rng.uniform(0.1, 1.0, num_frames), 5.0)
+    mean, cov = dense_random_walk_posterior(obs_mean, obs_var, mask, sigmasq_loc, prior_var)
+    with jax.enable_x64(True):
+        draw = jax.jit(
+            jax.vmap(
+                lambda key: kalman.sample_random_walk(
+                    key, jnp.asarray(obs_mean), jnp.asarray(obs_var), jnp.asarray(mask), sigmasq_loc, prior_var, parallel
+                )
+            )
+        )
+        v = np.asarray(draw(jax.random.split(jax.random.key(8), NUM_DRAWS)))
+    assert v.shape == (NUM_DRAWS, num_frames, dim)
+    full_cov = np.kron(cov, np.eye(dim))  # rows (t, d): coordinates independent, same covariance
+    assert_moments(v.reshape(NUM_DRAWS, -1), mean.reshape(-1), full_cov)
+
+
+# --------------------------------------------------------------------------- #
+# Shapes, dtypes, vmap over segments, float32, one trace
+# --------------------------------------------------------------------------- #
+def _segments(num_segments=3, num_frames=20, num_lags=2, dtype=np.float64):
+    problems = [_problem(seed=30 + b, num_lags=num_lags, num_frames=num_frames, latent_dim=3, num_states=5, pad=(num_frames - 2, num_frames - 1)) for b in range(num_segments)]
+    shared = {name: jnp.asarray(problems[0][name], dtype) for name in ("Ab", "Q", "Ctil", "dtil")}
+    per_segment = {
+        name: jnp.asarray(np.stack([p[name] for p in problems]), dtype if name != "z" else None)
+        for name in ("ytil", "obs_var", "mask", "z")
+    }
+    return per_segment, shared
+
+
+def test_vmap_over_segments_shapes_dtypes_and_one_trace():
+    traces = []
+
+    @jax.jit
+    def sweep(key, per_segment, shared, jitter):
+        traces.append(1)
+        keys = jax.random.split(key, per_segment["ytil"].shape[0])
+        x, log_norm = jax.vmap(lambda k, seg: kalman.sample_latent_x(k, **seg, **shared, jitter=jitter))(keys, per_segment)
+        v = jax.vmap(lambda k, seg: kalman.sample_random_walk(k, seg["ytil"][:, :2], seg["obs_var"][:, 0], seg["mask"], 0.5))(
+            keys, per_segment
+        )
+        return x, log_norm, v
+
+    with jax.enable_x64(True):
+        per_segment, shared = _segments()
+        x, log_norm, v = sweep(jax.random.key(0), per_segment, shared, 1e-3)
+        per_segment["ytil"] = per_segment["ytil"] + 1.0
+        sweep(jax.random.key(1), per_segment, shared, 1e-2)
+    assert len(traces) == 1
+    assert x.shape == (3, 20, 3) and x.dtype == jnp.float64
+    assert log_norm.shape == (3,) and log_norm.dtype == jnp.float64
+    assert v.shape == (3, 20, 2) and v.dtype == jnp.float64
+    assert np.all(np.isfinite(x)) and np.all(np.isfinite(log_norm)) and np.all(np.isfinite(v))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_float32_traces_and_is_finite(parallel):
+    """With x64 off, float32 inputs give float32, finite draws."""
+    per_segment, shared = _segments(num_segments=1, num_frames=12, num_lags=3, dtype=np.float32)
+    seg = {name: value[0] for name, value in per_segment.items()}
+
+    @jax.jit
+    def run(seg, shared):
+        x, log_norm = kalman.sample_latent_x(jax.random.key(0), **seg, **shared, jitter=1e-3, parallel=parallel)
+        v = kalman.sample_random_walk(jax.random.key(1), seg["ytil"][:, :2], seg["obs_var"][:, 0], seg["mask"], 0.5, parallel=parallel)
+        return x, log_norm, v
+
+    x, log_norm, v = run(seg, shared)
+    assert x.dtype == jnp.float32 and log_norm.dtype == jnp.float32 and v.dtype == jnp.float32
+    assert np.all(np.isfinite(x)) and np.isfinite(log_norm) and np.all(np.isfinite(v))

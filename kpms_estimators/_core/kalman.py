@@ -4,19 +4,34 @@ Both samplers act on ONE segment; vmap them over segments. Each takes all of its
 randomness from a single ``uniforms`` draw.
 
 ``sample_latent_x`` lifts the AR(L) latent trajectory to the first-order state
-X_t' = [x_t'; ...; x_{t'+L-1}] (A = L*P) and works in a square-root information
-form of the emission: per frame, ``diag(r)^{-1/2} Ctil = Q_o R_o`` (thin QR, so
-``R_o^T R_o = Ctil^T diag(1/r) Ctil``), and the O-dimensional observation is
-replaced by the q = min(O, P) dimensional pseudo-observation
-``w = Q_o^T diag(r)^{-1/2} (ytil - dtil) = R_o x_new + N(0, I_q)``, exact including
-the likelihood constant. The QR is vectorised over frames before any scan, so a
-filter step costs O(A^2 P + P^3) and never forms an O x O matrix (spec 13).
+X_t' = [x_t'; ...; x_{t'+L-1}] (A = L*P). Only the newest block is observed and
+the observation noise is diagonal, so each frame's emission is first reduced,
+vectorised over all frames before any scan, to an equivalent P-dimensional
+pseudo-observation with unit noise (square-root information form, spec 13):
 
-Everything that does not need the sequential recursion (predicted covariances,
-log predictive densities, backward gains and backward-conditional covariances)
-is computed vectorised over time after the forward pass. The backward pass is
-then the affine recursion X_t' = E_t' X_{t'+1} + g_t', run by ``lax.scan``
-(serial) or ``lax.associative_scan`` (parallel).
+    J_t = Ctil^T diag(1/r_t) Ctil = R_t^T R_t          (R_t upper triangular, P x P)
+    w_t = R_t^{-T} Ctil^T diag(1/r_t) (ytil_t - dtil)  ~  N(R_t x_t, I_P)
+
+which carries the same likelihood of x_t up to a constant that is kept for the
+log-normaliser. A filter step then costs O(A^2 P + P^3) and never forms an
+O x O matrix.
+
+Implementation notes (CPU, jax 0.10):
+
+- No LAPACK custom calls. In jaxlib 0.10.2 two batched LAPACK calls (potrf,
+  trsm, ...) that XLA runs concurrently can deadlock the CPU thread pool
+  (observed here with gdb: both ``tf_XLAEigen`` workers blocked in
+  ``ParallelBatchMap``). P x P Cholesky factors and their inverses are unrolled
+  entry by entry; A x A ones are blocked by P over those.
+- No ``dot`` on small batched matrices: XLA CPU runs them one tiny matrix at a
+  time (and far slower still with a transposed operand). Products are written as
+  unrolled sums of broadcast products (``_mm``), which XLA fuses.
+- Filter state is the augmented matrix [Cov | mean] (A, A+1), so the covariance
+  and the mean share every product.
+- Predicted moments and F Cov are emitted by the forward scan; backward gains and
+  backward-conditional factors are then computed for all steps at once, and the
+  backward pass is the affine recursion X_t' = E_t' X_{t'+1} + g_t', run by
+  ``lax.scan`` (serial) or ``lax.associative_scan`` (parallel).
 """
 
 from __future__ import annotations
@@ -25,9 +40,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve, solve_triangular
 
-from .distributions import normal_from_uniform, psd_cholesky, uniforms
+from .distributions import normal_from_uniform, uniforms
 
 #: Transition noise on the copied lag blocks of the lifted state (spec 4.2).
 COPY_NOISE = 0.01
@@ -37,6 +51,142 @@ PAD_VARIANCE = 10.0
 PRIOR_VARIANCE = 10.0
 
 
+# --------------------------------------------------------------------------- #
+# Small dense linear algebra: fused products, LAPACK-free factorisations
+# --------------------------------------------------------------------------- #
+def _t(mat):
+    return jnp.swapaxes(mat, -1, -2)
+
+
+def _sym(mat):
+    return 0.5 * (mat + _t(mat))
+
+
+def _keep(tree):
+    """Materialise ``tree``: stops XLA from fusing (and so recomputing) a large
+    unrolled product into each of its consumers."""
+    return jax.lax.optimization_barrier(tree)
+
+
+def _mm(a, b):
+    """a @ b over the last two axes as an unrolled sum of broadcast products."""
+    return sum(a[..., :, k, None] * b[..., None, k, :] for k in range(a.shape[-1]))
+
+
+def _mm_tn(a, b):
+    """a^T @ b over the last two axes."""
+    return sum(a[..., k, :, None] * b[..., None, k, :] for k in range(a.shape[-2]))
+
+
+def _mm_nt(a, b):
+    """a @ b^T over the last two axes."""
+    return sum(a[..., :, k, None] * b[..., None, :, k] for k in range(a.shape[-1]))
+
+
+def _mv(a, x):
+    """a @ x for matrices a (..., n, k) and vectors x (..., k)."""
+    return sum(a[..., :, k] * x[..., k, None] for k in range(a.shape[-1]))
+
+
+def _chol_inv_small(mat):
+    """Lower Cholesky factor L of SPD ``mat`` (..., n, n) and L^{-1}, unrolled entry by entry.
+
+    Meant for small n (the latent dimension): a chain of elementwise operations
+    that XLA fuses.
+    """
+    n = mat.shape[-1]
+    low = [[None] * n for _ in range(n)]
+    for j in range(n):
+        diag = mat[..., j, j]
+        for k in range(j):
+            diag = diag - low[j][k] ** 2
+        low[j][j] = jnp.sqrt(diag)
+        for i in range(j + 1, n):
+            off = mat[..., i, j]
+            for k in range(j):
+                off = off - low[i][k] * low[j][k]
+            low[i][j] = off / low[j][j]
+    inv = [[None] * n for _ in range(n)]
+    for i in range(n):
+        inv[i][i] = 1.0 / low[i][i]
+        for j in range(i - 1, -1, -1):
+            acc = low[i][j] * inv[j][j]
+            for k in range(j + 1, i):
+                acc = acc + low[i][k] * inv[k][j]
+            inv[i][j] = -acc * inv[i][i]
+    zero = jnp.zeros_like(mat[..., 0, 0])
+
+    def stack(rows):
+        return jnp.stack([jnp.stack([zero if e is None else e for e in row], -1) for row in rows], -2)
+
+    return _keep((stack(low), stack(inv)))
+
+
+def _block_cholesky(mat, size):
+    """Lower Cholesky factor of SPD ``mat`` (..., n, n), n a multiple of ``size``, by blocks.
+
+    Returns the factor and the inverses of its diagonal blocks (for ``_block_solve``).
+    """
+    n = mat.shape[-1]
+    cols, invs, rest = [], [], mat
+    for k in range(n // size):
+        diag, inv = _chol_inv_small(rest[..., :size, :size])
+        panel = _mm_nt(rest[..., size:, :size], inv)
+        rest = rest[..., size:, size:] - _mm_nt(panel, panel)
+        zeros = jnp.zeros(mat.shape[:-2] + (k * size, size), mat.dtype)
+        cols.append(jnp.concatenate([zeros, diag, panel], axis=-2))
+        invs.append(inv)
+    return jnp.concatenate(cols, axis=-1), invs
+
+
+def _block_solve(chol, invs, rhs, transpose=False):
+    """Solve L X = rhs (or L^T X = rhs) with a factor from ``_block_cholesky``."""
+    size = invs[0].shape[-1]
+    num = len(invs)
+    sol = [None] * num
+    for k in range(num - 1, -1, -1) if transpose else range(num):
+        rows = slice(k * size, (k + 1) * size)
+        r = rhs[..., rows, :]
+        if transpose and k < num - 1:  # rows of L^T: the columns of L below block k
+            r = r - _mm_tn(chol[..., (k + 1) * size :, rows], jnp.concatenate(sol[k + 1 :], axis=-2))
+        if not transpose and k > 0:
+            r = r - _mm(chol[..., rows, : k * size], jnp.concatenate(sol[:k], axis=-2))
+        sol[k] = _mm_tn(invs[k], r) if transpose else _mm(invs[k], r)
+    return jnp.concatenate(sol, axis=-2)
+
+
+def _cholesky_rolled(mat):
+    """Lower Cholesky factor by a ``fori_loop`` over columns (compiles to a small loop;
+    used inside the associative scan, whose operator is traced once per level)."""
+    n = mat.shape[-1]
+    idx = jnp.arange(n)
+
+    def body(j, carry):
+        rest, low = carry
+        col = jax.lax.dynamic_index_in_dim(rest, j, axis=-1, keepdims=False)
+        piv = jnp.sqrt(jax.lax.dynamic_index_in_dim(col, j, axis=-1, keepdims=False))
+        col = jnp.where(idx >= j, col / piv[..., None], 0.0)
+        return rest - col[..., :, None] * col[..., None, :], low + col[..., :, None] * (idx == j)
+
+    return jax.lax.fori_loop(0, n, body, (mat, jnp.zeros_like(mat)))[1]
+
+
+def _solve_lower_rolled(low, rhs):
+    """Solve L X = rhs by forward substitution in a ``fori_loop`` over rows."""
+    n = low.shape[-1]
+
+    def body(i, sol):
+        row = jax.lax.dynamic_index_in_dim(low, i, axis=-2, keepdims=False)  # (..., n)
+        r = jax.lax.dynamic_index_in_dim(rhs, i, axis=-2, keepdims=False) - _mv(_t(sol), row)
+        r = r / jax.lax.dynamic_index_in_dim(row, i, axis=-1, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(sol, r, i, axis=-2)
+
+    return jax.lax.fori_loop(0, n, body, jnp.zeros_like(rhs))
+
+
+# --------------------------------------------------------------------------- #
+# Model pieces
+# --------------------------------------------------------------------------- #
 class _Steps(NamedTuple):
     """Lifted transitions X_{t'+1} = F X_t' + [0; b] + N(0, blockdiag(copy_var I, Q)), t' = 0..T-L-1.
 
@@ -52,172 +202,205 @@ class _Steps(NamedTuple):
 
 
 class _PseudoObs(NamedTuple):
-    """Per-frame whitened emission: w = R_o x + N(0, I_q); log p(y | x) = log N(w; R_o x, I) + const."""
+    """Per-frame whitened emission w = R x + N(0, I_P); log p(y | x) = -|w - R x|^2 / 2 + const."""
 
-    R_o: jax.Array  # (T, q, P)
-    w: jax.Array  # (T, q)
+    R: jax.Array  # (T, P, P) upper triangular
+    w: jax.Array  # (T, P)
     const: jax.Array  # (T,)
 
 
-# --------------------------------------------------------------------------- #
-# Model pieces
-# --------------------------------------------------------------------------- #
 def _pseudo_observations(ytil, obs_var, Ctil, dtil) -> _PseudoObs:
-    """Square-root information form of ytil_t ~ N(Ctil x_t + dtil, diag(obs_var_t)), per frame."""
-    inv_sd = jax.lax.rsqrt(obs_var)
-    u = (ytil - dtil) * inv_sd  # (T, O)
-    q_o, r_o = jnp.linalg.qr(Ctil * inv_sd[:, :, None])  # (T, O, q), (T, q, P)
-    w = jnp.einsum("toq,to->tq", q_o, u)
-    const = -0.5 * (jnp.sum(u**2, -1) - jnp.sum(w**2, -1)) - 0.5 * jnp.sum(jnp.log(2 * jnp.pi * obs_var), -1)
-    return _PseudoObs(r_o, w, const)
+    """Square-root information form of ytil_t ~ N(Ctil x_t + dtil, diag(obs_var_t)), all frames at once.
+
+    J_t gets ``eps * trace(J_t)`` added on its diagonal (a relative perturbation at
+    rounding level) so that its Cholesky factor exists even if Ctil loses rank.
+    """
+    dtype = ytil.dtype
+    latent_dim = Ctil.shape[-1]
+    prec = 1.0 / obs_var
+    resid = ytil - dtil
+    outer = (Ctil[:, :, None] * Ctil[:, None, :]).reshape(Ctil.shape[0], -1)
+    info = (prec @ outer).reshape(-1, latent_dim, latent_dim)  # J_t
+    ridge = jnp.finfo(dtype).eps * jnp.trace(info, axis1=-2, axis2=-1)
+    info = info + ridge[:, None, None] * jnp.eye(latent_dim, dtype=dtype)
+    low, low_inv = _chol_inv_small(info)
+    w = _mv(low_inv, (resid * prec) @ Ctil)  # L^{-1} Ctil^T diag(1/r) (y - d)
+    quad = jnp.sum(resid**2 * prec, axis=-1)
+    const = -0.5 * (quad - jnp.sum(w**2, axis=-1)) - 0.5 * jnp.sum(jnp.log(2 * jnp.pi * obs_var), axis=-1)
+    return _PseudoObs(_t(low), w, const)
 
 
 def _lifted_steps(Ab, Q, z, mask, n_lags) -> _Steps:
-    """Per-step transition pieces, with the padded-source rule F = blockdiag(0, I_P), b = 0, cov = 10 I (spec 4.2)."""
+    """Per-step transition pieces for t' = 0..N-1 (spec 4.2).
+
+    Steps 0..N-2 are the model's transitions, with the padded-source rule
+    F = blockdiag(0, I_P), b = 0, cov = 10 I when frame tau = t'+L-1 is padding.
+    Step N-1 is a terminal one that no data follow (F = 0, b = 0, cov = I): it
+    makes the last backward gain exactly 0 and the last backward-conditional
+    covariance the filtered one, so every per-step array has length N.
+    """
     dtype = Ab.dtype
     latent_dim, lifted = Ab.shape[1], Ab.shape[2] - 1
-    real = mask[n_lags - 1 : -1] > 0  # source frame tau = t' + L - 1 of each step
-    Ab_t = Ab[z]
-    newest_only = jnp.eye(latent_dim, lifted, lifted - latent_dim, dtype=dtype)
+    real = jnp.append(mask[n_lags - 1 : -1] > 0, False)  # source frame tau = t' + L - 1 of each step
+    last = jnp.arange(real.shape[0]) == real.shape[0] - 1
+    labels = jnp.append(z, 0)
+    Ab_t = Ab[labels]
+    eye = jnp.eye(latent_dim, dtype=dtype)
+    newest_only = jnp.where(last[:, None, None], 0.0, jnp.eye(latent_dim, lifted, lifted - latent_dim, dtype=dtype))
     return _Steps(
         shift=real.astype(dtype),
         A_row=jnp.where(real[:, None, None], Ab_t[:, :, :lifted], newest_only),
         b=jnp.where(real[:, None], Ab_t[:, :, lifted], 0.0),
-        Q=jnp.where(real[:, None, None], Q[z], PAD_VARIANCE * jnp.eye(latent_dim, dtype=dtype)),
-        copy_var=jnp.where(real, COPY_NOISE, PAD_VARIANCE).astype(dtype),
+        Q=jnp.where(real[:, None, None], Q[labels], jnp.where(last[:, None, None], eye, PAD_VARIANCE * eye)),
+        copy_var=jnp.where(real, COPY_NOISE, jnp.where(last, 1.0, PAD_VARIANCE)).astype(dtype),
     )
 
 
 def _transition_noise(step: _Steps) -> jax.Array:
     """blockdiag(copy_var I_{A-P}, Q) for one step, (A, A)."""
     latent_dim = step.Q.shape[-1]
-    lifted = step.A_row.shape[-1]
-    copies = jnp.concatenate([jnp.ones(lifted - latent_dim, step.Q.dtype), jnp.zeros(latent_dim, step.Q.dtype)])
-    pad = lifted - latent_dim
+    pad = step.A_row.shape[-1] - latent_dim
+    copies = jnp.concatenate([jnp.ones(pad, step.Q.dtype), jnp.zeros(latent_dim, step.Q.dtype)])
     return jnp.diag(step.copy_var * copies) + jnp.pad(step.Q, ((pad, 0), (pad, 0)))
 
 
 def _apply_F(step: _Steps, mat: jax.Array) -> jax.Array:
-    """F @ mat for one step, mat (A, ...), without forming F."""
+    """F @ mat for one step, mat (A, k), without forming F."""
     latent_dim = step.Q.shape[-1]
-    return jnp.concatenate([step.shift * mat[latent_dim:], step.A_row @ mat], axis=0)
+    return jnp.concatenate([step.shift * mat[latent_dim:], _mm(step.A_row, mat)], axis=0)
 
 
-def _predict(step: _Steps, mean, cov):
-    """Predicted mean and covariance of X_{t'+1} from those of X_t'."""
+def _predict(step: _Steps, filt):
+    """From the filtered [Cov | mean] of X_t' (A, A+1): F [Cov | mean] and the predicted [Cov^- | mean^-] of X_{t'+1}."""
     latent_dim = step.Q.shape[-1]
-    mean = jnp.concatenate([step.shift * mean[latent_dim:], step.A_row @ mean + step.b])
-    f_cov = _apply_F(step, cov)
-    cov = _apply_F(step, f_cov.T).T + _transition_noise(step)
-    return mean, 0.5 * (cov + cov.T)
+    lifted = filt.shape[0]
+    f_filt = _apply_F(step, filt)
+    f_cov = f_filt[:, :lifted]
+    pred_cov = jnp.concatenate([step.shift * f_cov[:, latent_dim:], _mm_nt(f_cov, step.A_row)], axis=1)
+    pred_cov = _sym(pred_cov + _transition_noise(step))
+    pred_mean = f_filt[:, lifted] + jnp.concatenate([jnp.zeros(lifted - latent_dim, filt.dtype), step.b])
+    return f_filt, jnp.concatenate([pred_cov, pred_mean[:, None]], axis=1)
 
 
-def _innovation(obs_R, obs_w, mean, cov):
-    """Cholesky factor of S = R_o Cov_new R_o^T + I, whitened innovation, and R_o Cov[new, :]."""
+def _update(obs_R, obs_w, obs_const, pred):
+    """Condition [Cov | mean] (A, A+1) on the newest block's pseudo-observation w = R x + N(0, I).
+
+    With U = R Cov[new, :] and e = w - R mean_new, S = R Cov_new R^T + I >= I is
+    eliminated by Gauss-Jordan without pivoting (its pivots are >= 1) on
+    [S | U | e], giving S^{-1} [U | e] and log det S in P fused steps. Returns the
+    filtered [Cov - U^T S^{-1} U | mean + U^T S^{-1} e] and log p(ytil_tau | past) =
+    log N(w; R mean_new, S) + (P/2) log 2 pi + const.
+    """
     latent_dim = obs_R.shape[-1]
-    rc = obs_R @ cov[-latent_dim:, :]  # (q, A) = H Cov
-    s = rc[:, -latent_dim:] @ obs_R.T + jnp.eye(obs_R.shape[0], dtype=cov.dtype)
-    chol = jnp.linalg.cholesky(s)
-    both = solve_triangular(chol, jnp.concatenate([rc, (obs_w - obs_R @ mean[-latent_dim:])[:, None]], 1), lower=True)
-    return chol, both[:, -1], both[:, :-1]
-
-
-def _update(obs_R, obs_w, mean, cov):
-    """Condition N(mean, cov) of the lifted state on the pseudo-observation of its newest block."""
-    _, innov, gain_t = _innovation(obs_R, obs_w, mean, cov)
-    cov = cov - gain_t.T @ gain_t
-    return mean + gain_t.T @ innov, 0.5 * (cov + cov.T)
-
-
-def _log_predictive(obs_R, obs_w, const, mean, cov):
-    """log p(y_tau | past) = log N(w; R_o mean_new, R_o Cov_new R_o^T + I) + (q/2) log 2 pi + const."""
-    chol, innov, _ = _innovation(obs_R, obs_w, mean, cov)
-    return const - 0.5 * jnp.sum(innov**2) - jnp.sum(jnp.log(jnp.diagonal(chol)))
+    lifted = pred.shape[0]
+    rc = _mm(obs_R, pred[lifted - latent_dim :, :])  # [R Cov_new,: | R mean_new], (P, A+1)
+    s = _mm_nt(rc[:, lifted - latent_dim : lifted], obs_R) + jnp.eye(latent_dim, dtype=pred.dtype)
+    rhs = jnp.concatenate([rc[:, :lifted], (obs_w - rc[:, lifted])[:, None]], axis=1)
+    aug = jnp.concatenate([s, rhs], axis=1)
+    idx = jnp.arange(latent_dim)
+    log_det = jnp.zeros((), pred.dtype)
+    for j in range(latent_dim):
+        pivot = aug[j, j]
+        log_det = log_det + jnp.log(pivot)
+        row = aug[j] / pivot
+        col = jnp.where(idx == j, 0.0, aug[:, j])
+        aug = jnp.where((idx == j)[:, None], row[None, :], aug - col[:, None] * row[None, :])
+    sol = aug[:, latent_dim:]  # S^{-1} [U | e]
+    upd = _mm_tn(rhs[:, :lifted], sol)  # [U^T S^{-1} U | U^T S^{-1} e]
+    filt = pred + jnp.concatenate([-upd[:, :lifted], upd[:, lifted:]], axis=1)
+    log_pred = obs_const - 0.5 * jnp.sum(rhs[:, lifted] * sol[:, lifted]) - 0.5 * log_det
+    return filt, log_pred
 
 
 def _initial_state(obs: _PseudoObs, n_lags, latent_dim, dtype):
-    """Filtered X_0: N(0, 10 I_A) conditioned, block by block, on frames 0..L-1 (spec 4.2).
+    """Filtered [Cov | mean] of X_0: N(0, 10 I_A) conditioned block by block on frames 0..L-1 (spec 4.2).
 
-    Frames 0..L-2 come with their true variances (``obs`` rows 0..L-2 must be
-    built from them); frame L-1 is the emission at t' = 0. Returns the mean (A,),
-    block-diagonal covariance (A, A) and the summed log predictive densities.
+    Rows 0..L-2 of ``obs`` must come from the true variances; row L-1 is the
+    emission at t' = 0. Also returns the summed log predictive densities of these
+    L frames.
     """
-    prior_mean = jnp.zeros(latent_dim, dtype)
-    prior_cov = PRIOR_VARIANCE * jnp.eye(latent_dim, dtype=dtype)
-    blocks = jax.tree.map(lambda a: a[:n_lags], obs)
-    means, covs = jax.vmap(_update, in_axes=(0, 0, None, None))(blocks.R_o, blocks.w, prior_mean, prior_cov)
-    lls = jax.vmap(_log_predictive, in_axes=(0, 0, 0, None, None))(
-        blocks.R_o, blocks.w, blocks.const, prior_mean, prior_cov
-    )
+    prior = jnp.concatenate([PRIOR_VARIANCE * jnp.eye(latent_dim, dtype=dtype), jnp.zeros((latent_dim, 1), dtype)], 1)
+    blocks, lls = jax.vmap(_update, in_axes=(0, 0, 0, None))(obs.R, obs.w, obs.const, prior)
     eye = jnp.eye(n_lags, dtype=dtype)
-    cov = jnp.einsum("ij,iab->iajb", eye, covs).reshape(n_lags * latent_dim, n_lags * latent_dim)
-    return means.reshape(-1), cov, jnp.sum(lls)
+    cov = jnp.einsum("ij,iab->iajb", eye, blocks[:, :, :latent_dim]).reshape(n_lags * latent_dim, -1)
+    return jnp.concatenate([cov, blocks[:, :, latent_dim].reshape(-1, 1)], axis=1), jnp.sum(lls)
 
 
 # --------------------------------------------------------------------------- #
-# Forward filters
+# Forward filters: filtered [Cov | mean] (N, A, A+1), F [Cov | mean] and predicted
+# [Cov^- | mean^-] (N-1, A, A+1), and the summed log predictive densities
 # --------------------------------------------------------------------------- #
-def _filter_serial(steps: _Steps, obs: _PseudoObs, mean0, cov0):
-    """Filtered means (N, A) and covariances (N, A, A) by a sequential scan."""
+def _filter_serial(steps: _Steps, obs: _PseudoObs, filt0):
+    def body(filt, args):
+        step, obs_R, obs_w, obs_const = args
+        f_filt, pred = _predict(step, filt)
+        new, log_pred = _update(obs_R, obs_w, obs_const, pred)
+        return new, (filt, f_filt, pred, log_pred)
 
-    def body(carry, args):
-        step, obs_R, obs_w = args
-        mean, cov = _predict(step, *carry)
-        mean, cov = _update(obs_R, obs_w, mean, cov)
-        return (mean, cov), (mean, cov)
-
-    _, (means, covs) = jax.lax.scan(body, (mean0, cov0), (steps, obs.R_o, obs.w))
-    return jnp.concatenate([mean0[None], means]), jnp.concatenate([cov0[None], covs])
-
-
-def _dense_F(step: _Steps) -> jax.Array:
-    lifted = step.A_row.shape[-1]
-    return _apply_F(step, jnp.eye(lifted, dtype=step.A_row.dtype))
+    _, (filts, f_filts, preds, lls) = jax.lax.scan(body, filt0, (steps, *obs))
+    return filts, f_filts, preds, jnp.sum(lls)
 
 
 def _filter_element(step: _Steps, obs_R, obs_w):
-    """Särkkä & García-Fernández (2021) element (A, b, C, eta, J) of p(X_t' | X_{t'-1}, y_tau)."""
+    """Särkkä & García-Fernández (2021) element (A, b, C, eta, J) of p(X_t' | X_{t'-1}, y_tau).
+
+    With H = [0 | R] and unit observation noise: S = H Qb H^T + I, K = Qb H^T S^{-1},
+    A = F - K H F, b = [0; b] + K (w - H [0; b]), C = Qb - K H Qb,
+    eta = (H F)^T S^{-1} (w - H [0; b]), J = (H F)^T S^{-1} H F.
+    """
     latent_dim = step.Q.shape[-1]
-    F = _dense_F(step)
+    lifted = step.A_row.shape[-1]
+    F = _apply_F(step, jnp.eye(lifted, dtype=step.Q.dtype))
     noise = _transition_noise(step)
-    h_noise = obs_R @ noise[-latent_dim:, :]  # H Qb, (q, A)
-    hf = obs_R @ step.A_row  # H F, (q, A)
-    s = h_noise[:, -latent_dim:] @ obs_R.T + jnp.eye(obs_R.shape[0], dtype=F.dtype)
-    chol = jnp.linalg.cholesky(s)
-    resid = obs_w - obs_R @ step.b
-    gain = cho_solve((chol, True), h_noise).T  # K = Qb H^T S^-1, (A, q)
-    mat = F - gain @ hf
-    bias = jnp.concatenate([jnp.zeros(F.shape[0] - latent_dim, F.dtype), step.b]) + gain @ resid
-    cov = noise - gain @ h_noise
-    s_inv_hf = cho_solve((chol, True), hf)
-    eta = s_inv_hf.T @ resid
-    info = hf.T @ s_inv_hf
-    return mat, bias, 0.5 * (cov + cov.T), eta, 0.5 * (info + info.T)
+    h_noise = _mm(obs_R, noise[-latent_dim:, :])  # H Qb, (P, A)
+    _, s_inv_chol = _chol_inv_small(_mm_nt(h_noise[:, -latent_dim:], obs_R) + jnp.eye(latent_dim, dtype=F.dtype))
+    white_noise = _mm(s_inv_chol, h_noise)  # L^{-1} H Qb
+    white_hf = _mm(s_inv_chol, _mm(obs_R, step.A_row))  # L^{-1} H F
+    resid = _mv(s_inv_chol, obs_w - _mv(obs_R, step.b))
+    bias = jnp.concatenate([jnp.zeros(lifted - latent_dim, F.dtype), step.b])
+    return (
+        F - _mm_tn(white_noise, white_hf),
+        bias + _mv(_t(white_noise), resid),
+        _sym(noise - _mm_tn(white_noise, white_noise)),
+        _mv(_t(white_hf), resid),
+        _mm_tn(white_hf, white_hf),
+    )
 
 
 def _combine_filter(earlier, later):
-    """Associative operator on filtering elements (Särkkä & García-Fernández 2021, eq. 14)."""
+    """Associative operator on filtering elements (Särkkä & García-Fernández 2021, Lemma 8).
+
+    With C_i = U U^T and K = I + U^T J_j U (both SPD):
+    M = (I + C_i J_j)^{-1} = I - U K^{-1} U^T J_j, M C_i = U K^{-1} U^T and
+    M^T J_j = J_j - J_j U K^{-1} U^T J_j, so only SPD factorisations are needed.
+    """
     a_i, b_i, c_i, eta_i, j_i = earlier
     a_j, b_j, c_j, eta_j, j_j = later
-    eye = jnp.eye(a_i.shape[-1], dtype=a_i.dtype)
-    m = eye + c_i @ j_j  # (I + C_i J_j); (I + J_j C_i) = m^T
-    tr = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
-    rhs = jnp.concatenate([a_i, (b_i + (c_i @ eta_j[..., None])[..., 0])[..., None], c_i], axis=-1)
-    sol = jnp.linalg.solve(m, rhs)
     n = a_i.shape[-1]
-    a = a_j @ sol[..., :n]
-    b = (a_j @ sol[..., n : n + 1])[..., 0] + b_j
-    c = a_j @ sol[..., n + 1 :] @ tr(a_j) + c_j
-    rhs_t = jnp.concatenate([(eta_j - (j_j @ b_i[..., None])[..., 0])[..., None], j_j @ a_i], axis=-1)
-    sol_t = jnp.linalg.solve(tr(m), rhs_t)
-    eta = (tr(a_i) @ sol_t[..., :1])[..., 0] + eta_i
-    info = tr(a_i) @ sol_t[..., 1:] + j_i
-    return a, b, 0.5 * (c + tr(c)), eta, 0.5 * (info + tr(info))
+    vec = lambda m, x: (m @ x[..., None])[..., 0]  # noqa: E731  (plain dots: few HLO ops per level)
+    u = _cholesky_rolled(c_i)
+    ut_j = _t(u) @ j_j  # U^T J_j
+    k_chol = _cholesky_rolled(jnp.eye(n, dtype=a_i.dtype) + ut_j @ u)
+    both = _solve_lower_rolled(k_chol, jnp.concatenate([_t(u), ut_j], axis=-1))
+    v, w = both[..., :n], both[..., n:]  # L_K^{-1} U^T, L_K^{-1} U^T J_j
+    m_a = a_i - _t(v) @ (w @ a_i)  # M A_i
+    m_b = b_i - vec(_t(v), vec(w, b_i) - vec(v, eta_j))  # M (b_i + C_i eta_j)
+    a_v = a_j @ _t(v)
+    resid = eta_j - vec(j_j, b_i)
+    return (
+        a_j @ m_a,
+        vec(a_j, m_b) + b_j,
+        _sym(a_v @ _t(a_v) + c_j),
+        vec(_t(a_i), resid - vec(_t(w), vec(v, resid))) + eta_i,
+        _sym(_t(a_i) @ (j_j - _t(w) @ w) @ a_i + j_i),
+    )
 
 
-def _filter_parallel(steps: _Steps, obs: _PseudoObs, mean0, cov0):
-    """Filtered means and covariances by an associative scan over filtering elements."""
-    mats, biases, covs, etas, infos = jax.vmap(_filter_element)(steps, obs.R_o, obs.w)
+def _filter_parallel(steps: _Steps, obs: _PseudoObs, filt0):
+    lifted = filt0.shape[0]
+    mean0, cov0 = filt0[:, lifted], filt0[:, :lifted]
+    real = jax.tree.map(lambda a: a[:-1], (steps, obs))
+    mats, biases, covs, etas, infos = jax.vmap(_filter_element)(real[0], real[1].R, real[1].w)
     zeros = jnp.zeros_like(cov0)
     elems = (
         jnp.concatenate([zeros[None], mats]),
@@ -227,58 +410,67 @@ def _filter_parallel(steps: _Steps, obs: _PseudoObs, mean0, cov0):
         jnp.concatenate([zeros[None], infos]),
     )
     _, means, covs, _, _ = jax.lax.associative_scan(_combine_filter, elems)
-    return means, covs
+    filts = jnp.concatenate([covs, means[..., None]], axis=-1)
+    f_filts, preds = jax.vmap(_predict)(steps, filts)
+    _, lls = jax.vmap(_update)(*obs, preds)
+    return filts, f_filts, preds, jnp.sum(lls)
 
 
 # --------------------------------------------------------------------------- #
 # Backward sampling
 # --------------------------------------------------------------------------- #
-def _backward_elements(steps: _Steps, means, covs, pred_means, pred_covs, normals, jitter):
-    """(E, g) with X_t' = E_t' X_{t'+1} + g_t' (noise included) and X_{N-1} = g_{N-1}.
+def _backward_elements(steps: _Steps, filts, f_filts, preds, normals, jitter):
+    """(E, g) with X_t' = E_t' X_{t'+1} + g_t' (noise included), all steps at once.
 
-    p(X_t' | X_{t'+1}, y_{0:tau}) = N(m + G (X_{t'+1} - m^-), Cov - G F Cov) with
-    G = Cov F^T (Cov^-)^{-1}; the draw uses Cov - G F Cov + jitter I (spec 4.2).
+    p(X_t' | X_{t'+1}, y_{0:tau}) = N(m + G (X_{t'+1} - m^-), C) with
+    C = Cov - (F Cov)^T (Cov^-)^{-1} F Cov and G = Cov F^T (Cov^-)^{-1} = C F^T Qb^{-1};
+    the draw uses C + jitter I (spec 4.2). At the terminal step G = 0 and C is the
+    filtered covariance of X_{N-1}, which is drawn without jitter.
     """
+    size = steps.Q.shape[-1]
+    lifted = filts.shape[-2]
+    chol, invs = _keep(_block_cholesky(preds[:, :, :lifted], size))  # Cov^- = L L^T
+    white = _keep(_block_solve(chol, invs, f_filts[:, :, :lifted]))  # L^{-1} F Cov
+    cond_cov = _keep(_sym(filts[:, :, :lifted] - _mm_tn(white, white)))
+    # G = C F^T Qb^{-1} = [shift C_{:, P:} / copy_var | C A_row^T Q^{-1}]
+    _, q_inv_chol = _chol_inv_small(steps.Q)
+    q_inv = _keep(_mm_tn(q_inv_chol, q_inv_chol))
+    copies = (steps.shift / steps.copy_var)[:, None, None] * cond_cov[:, :, size:]
+    gains = _keep(jnp.concatenate([copies, _mm(_mm_nt(cond_cov, steps.A_row), q_inv)], axis=-1))
+    terminal = (jnp.arange(filts.shape[0]) == filts.shape[0] - 1)[:, None, None]
+    draw_cov = cond_cov + jnp.where(terminal, 0.0, jitter) * jnp.eye(lifted, dtype=filts.dtype)
+    draw_chol = _keep(_block_cholesky(draw_cov, size)[0])
+    offsets = filts[:, :, lifted] - _mv(gains, preds[:, :, lifted]) + _mv(draw_chol, normals)
+    return gains, offsets
 
-    def one(step, mean, cov, pred_mean, pred_cov, normal):
-        f_cov = _apply_F(step, cov)  # F Cov = Cov(X_{t'+1}, X_t')
-        gain = cho_solve((jnp.linalg.cholesky(pred_cov), True), f_cov).T
-        chol = psd_cholesky(cov - gain @ f_cov, jitter)
-        return gain, mean - gain @ pred_mean + chol @ normal
 
-    gains, offsets = jax.vmap(one)(steps, means[:-1], covs[:-1], pred_means, pred_covs, normals[:-1])
-    last = means[-1] + psd_cholesky(covs[-1], 0.0) @ normals[-1]
-    return gains, jnp.concatenate([offsets, last[None]])
+def _affine_backward_serial(gains, offsets):
+    """X_t = E_t X_{t+1} + g_t backward from t = N-1 (E_{N-1} = 0) by a reverse scan.
 
-
-def _apply(gain, vec, scalar):
-    return gain[..., 0, 0, None] * vec if scalar else (gain @ vec[..., None])[..., 0]
-
-
-def _affine_backward_serial(gains, offsets, scalar=False):
-    """X_{N-1} = g_{N-1}; X_t = E_t X_{t+1} + g_t by a reverse scan.
-
-    ``gains`` (N-1, A, A), or (N-1, 1, 1) scalars when ``scalar``; ``offsets`` (N, A).
+    ``gains`` (N, A, A), or (N,) scalars; ``offsets`` (N, A).
     """
+    scalar = gains.ndim == 1
 
     def body(nxt, args):
         gain, offset = args
-        cur = _apply(gain, nxt, scalar) + offset
+        cur = (gain * nxt if scalar else _mv(gain, nxt)) + offset
         return cur, cur
 
-    _, states = jax.lax.scan(body, offsets[-1], (gains, offsets[:-1]), reverse=True)
-    return jnp.concatenate([states, offsets[-1:]])
+    _, states = jax.lax.scan(body, jnp.zeros_like(offsets[0]), (gains, offsets), reverse=True)
+    return states
 
 
-def _affine_backward_parallel(gains, offsets, scalar=False):
+def _affine_backward_parallel(gains, offsets):
     """The same recursion by a reverse associative scan of affine maps."""
+    scalar = gains.ndim == 1
 
     def compose(later, earlier):  # earlier o later: x -> E_e (E_l x + g_l) + g_e
         e_l, g_l = later
         e_e, g_e = earlier
-        return e_e @ e_l, _apply(e_e, g_l, scalar) + g_e
+        if scalar:
+            return e_e * e_l, e_e[..., None] * g_l + g_e
+        return e_e @ e_l, (e_e @ g_l[..., None])[..., 0] + g_e
 
-    gains = jnp.concatenate([gains, jnp.zeros_like(gains[:1])])
     _, states = jax.lax.associative_scan(compose, (gains, offsets), reverse=True)
     return states
 
@@ -318,9 +510,9 @@ def sample_latent_x(key, ytil, obs_var, mask, z, Ab, Q, Ctil, dtil, jitter, para
         sampler (spec 4.2, 14 #12); here both variants apply it, so they sample
         the same distribution for every ``jitter``. ``jitter = 0`` is exact.
     parallel : bool (static)
-        False: ``lax.scan`` filter and backward pass (O(T) depth). True:
-        associative scans (Särkkä & García-Fernández 2021; O(log T) depth, several
-        times the memory and flops, longer compiles).
+        False: ``lax.scan`` forward filter (O(T) depth). True: associative-scan
+        filter and backward pass (Särkkä & García-Fernández 2021; O(log T) depth,
+        several times the flops and memory, much longer compiles).
 
     Returns
     -------
@@ -336,32 +528,24 @@ def sample_latent_x(key, ytil, obs_var, mask, z, Ab, Q, Ctil, dtil, jitter, para
     n_lags = (Ab.shape[2] - 1) // latent_dim
     num_steps = num_frames - n_lags + 1
     (u,) = uniforms(key, (num_steps, n_lags * latent_dim), dtype=dtype)
-    normals = normal_from_uniform(u)
+    normals = _keep(normal_from_uniform(u))
 
-    masked_var = jnp.where(mask[:, None] > 0, obs_var, PAD_VARIANCE)
-    obs = _pseudo_observations(ytil, masked_var, Ctil, dtil)
-    if n_lags > 1:  # prior-conditioning frames 0..L-2 use their true variances
-        head = _pseudo_observations(ytil[: n_lags - 1], obs_var[: n_lags - 1], Ctil, dtil)
-        init_obs = jax.tree.map(lambda a, b: jnp.concatenate([a, b[n_lags - 1 : n_lags]]), head, obs)
-    else:
-        init_obs = jax.tree.map(lambda a: a[:1], obs)
-    mean0, cov0, log_norm0 = _initial_state(init_obs, n_lags, latent_dim, dtype)
+    # frames 0..L-2 with their true variances (prior conditioning), all others masked
+    head = jnp.arange(num_frames) < n_lags - 1
+    var = jnp.where(head[:, None] | (mask[:, None] > 0), obs_var, PAD_VARIANCE)
+    obs = _pseudo_observations(ytil, var, Ctil, dtil)
+    filt0, log_norm0 = _initial_state(jax.tree.map(lambda a: a[:n_lags], obs), n_lags, latent_dim, dtype)
 
     steps = _lifted_steps(Ab, Q, z, mask, n_lags)
-    step_obs = jax.tree.map(lambda a: a[n_lags:], obs)  # frames L..T-1, emissions at t' = 1..N-1
+    # emissions of frames L..T-1 at t' = 1..N-1, then none after the terminal step
+    step_obs = jax.tree.map(lambda a: jnp.concatenate([a[n_lags:], jnp.zeros_like(a[:1])]), obs)
     filt = _filter_parallel if parallel else _filter_serial
-    means, covs = filt(steps, step_obs, mean0, cov0)
-
-    pred_means, pred_covs = jax.vmap(_predict)(steps, means[:-1], covs[:-1])
-    lls = jax.vmap(_log_predictive)(step_obs.R_o, step_obs.w, step_obs.const, pred_means, pred_covs)
-    log_normalizer = log_norm0 + jnp.sum(lls)
-
-    gains, offsets = _backward_elements(steps, means, covs, pred_means, pred_covs, normals, jitter)
+    filts, f_filts, preds, log_norm = filt(steps, step_obs, filt0)
+    gains, offsets = _backward_elements(steps, filts, f_filts, preds, normals, jitter)
     backward = _affine_backward_parallel if parallel else _affine_backward_serial
-    states = backward(gains, offsets)  # (N, A)
-    blocks = states.reshape(num_steps, n_lags, latent_dim)
+    blocks = backward(gains, offsets).reshape(num_steps, n_lags, latent_dim)
     x = jnp.concatenate([blocks[0, : n_lags - 1], blocks[:, -1]])
-    return x, log_normalizer
+    return x, log_norm0 + log_norm
 
 
 def sample_random_walk(key, obs_mean, obs_var, mask, sigmasq_loc, prior_var=1e4, parallel=False):
@@ -371,6 +555,8 @@ def sample_random_walk(key, obs_mean, obs_var, mask, sigmasq_loc, prior_var=1e4,
     or 10 * sigmasq_loc when frame t-1 is padding (mask[t-1] == 0);
     obs_mean_t ~ N(v_t, obs_var_t I_D). The D coordinates are independent with
     shared scalar variances, so this is a scalar Kalman filter vectorised over D.
+    Forward filtering, then backward sampling
+    v_t | v_{t+1} ~ N(m_t + G_t (v_{t+1} - m_t), G_t q_{t+1}), G_t = P_t / (P_t + q_{t+1}).
 
     Parameters
     ----------
@@ -389,20 +575,18 @@ def sample_random_walk(key, obs_mean, obs_var, mask, sigmasq_loc, prior_var=1e4,
     dtype = obs_mean.dtype
     num_frames, dim = obs_mean.shape
     (u,) = uniforms(key, (num_frames, dim), dtype=dtype)
-    normals = normal_from_uniform(u)
+    normals = _keep(normal_from_uniform(u))
     step_var = sigmasq_loc * jnp.where(mask[:-1] > 0, 1.0, PAD_VARIANCE).astype(dtype)
-    # q_0 = prior_var with "v_{-1}" = 0 makes every frame the same predict-update step
+    # q_0 = prior_var from "v_{-1}" = 0 makes every frame the same predict-update step
     step_var = jnp.concatenate([jnp.full((1,), prior_var, dtype), step_var])
     filt = _rw_filter_parallel if parallel else _rw_filter_serial
     means, variances = filt(obs_mean, obs_var.astype(dtype), step_var)
-    # p(v_t | v_{t+1}, mu_{0:t}) = N(m_t + G_t (v_{t+1} - m_t), G_t q_{t+1}), G_t = P_t / (P_t + q_{t+1})
-    gains = variances[:-1] / (variances[:-1] + step_var[1:])
-    offsets = (1 - gains)[:, None] * means[:-1] + jnp.sqrt(gains * step_var[1:])[:, None] * normals[:-1]
-    last = means[-1] + jnp.sqrt(variances[-1]) * normals[-1]
-    offsets = jnp.concatenate([offsets, last[None]])
-    if parallel:
-        return _affine_backward_parallel(gains[:, None, None], offsets, scalar=True)
-    return _affine_backward_serial(gains[:, None, None], offsets, scalar=True)
+    next_var = jnp.append(step_var[1:], jnp.inf)  # no successor after the last frame: G = 0
+    gains = variances / (variances + next_var)
+    cond_var = jnp.where(jnp.isinf(next_var), variances, gains * next_var)
+    offsets = (1 - gains)[:, None] * means + jnp.sqrt(cond_var)[:, None] * normals
+    backward = _affine_backward_parallel if parallel else _affine_backward_serial
+    return backward(gains, offsets)
 
 
 def _rw_filter_serial(obs_mean, obs_var, step_var):
