@@ -32,7 +32,8 @@ def _problem(seed, num_lags, num_frames=11, latent_dim=2, num_states=3, num_keyp
     lifted = num_lags * latent_dim
     Ab = rng.normal(0, 0.4 / np.sqrt(lifted), (num_states, latent_dim, lifted + 1))
     Ab[:, :, lifted - latent_dim : lifted] += 0.8 * np.eye(latent_dim)  # newest lag
-    Q = np.stack([(lambda m: m @ m.T + 0.1 * np.eye(latent_dim))(rng.normal(0, 0.4, (latent_dim, latent_dim))) for _ in range(num_states)])
+    roots = rng.normal(0, 0.4, (num_states, latent_dim, latent_dim))
+    Q = roots @ np.swapaxes(roots, -1, -2) + 0.1 * np.eye(latent_dim)
     mask = np.ones(num_frames)
     mask[list(pad)] = 0
     return dict(
@@ -236,7 +237,7 @@ def test_random_walk_matches_dense(parallel):
         draw = jax.jit(
             jax.vmap(
                 lambda key: kalman.sample_random_walk(
-                    key, jnp.asarray(obs_mean), jnp.asarray(obs_var), jnp.asarray(mask), sigmasq_loc, prior_var, parallel
+                    key, *map(jnp.asarray, (obs_mean, obs_var, mask)), sigmasq_loc, prior_var, parallel
                 )
             )
         )
@@ -250,13 +251,20 @@ def test_random_walk_matches_dense(parallel):
 # Shapes, dtypes, vmap over segments, float32, one trace
 # --------------------------------------------------------------------------- #
 def _segments(num_segments=3, num_frames=20, num_lags=2, dtype=np.float64):
-    problems = [_problem(seed=30 + b, num_lags=num_lags, num_frames=num_frames, latent_dim=3, num_states=5, pad=(num_frames - 2, num_frames - 1)) for b in range(num_segments)]
+    """Per-segment problems (a padded tail each) sharing one set of parameters."""
+    sizes = dict(num_frames=num_frames, latent_dim=3, num_states=5, pad=(num_frames - 2, num_frames - 1))
+    problems = [_problem(30 + b, num_lags, **sizes) for b in range(num_segments)]
     shared = {name: jnp.asarray(problems[0][name], dtype) for name in ("Ab", "Q", "Ctil", "dtil")}
     per_segment = {
         name: jnp.asarray(np.stack([p[name] for p in problems]), dtype if name != "z" else None)
         for name in ("ytil", "obs_var", "mask", "z")
     }
     return per_segment, shared
+
+
+def _walk(key, seg, parallel=False):
+    """A random-walk problem made from a latent-x problem's arrays (shapes only matter)."""
+    return kalman.sample_random_walk(key, seg["ytil"][:, :2], seg["obs_var"][:, 0], seg["mask"], 0.5, parallel=parallel)
 
 
 def test_vmap_over_segments_shapes_dtypes_and_one_trace():
@@ -266,10 +274,10 @@ def test_vmap_over_segments_shapes_dtypes_and_one_trace():
     def sweep(key, per_segment, shared, jitter):
         traces.append(1)
         keys = jax.random.split(key, per_segment["ytil"].shape[0])
-        x, log_norm = jax.vmap(lambda k, seg: kalman.sample_latent_x(k, **seg, **shared, jitter=jitter))(keys, per_segment)
-        v = jax.vmap(lambda k, seg: kalman.sample_random_walk(k, seg["ytil"][:, :2], seg["obs_var"][:, 0], seg["mask"], 0.5))(
+        x, log_norm = jax.vmap(lambda k, seg: kalman.sample_latent_x(k, **seg, **shared, jitter=jitter))(
             keys, per_segment
         )
+        v = jax.vmap(_walk)(keys, per_segment)
         return x, log_norm, v
 
     with jax.enable_x64(True):
@@ -293,7 +301,7 @@ def test_float32_traces_and_is_finite(parallel):
     @jax.jit
     def run(seg, shared):
         x, log_norm = kalman.sample_latent_x(jax.random.key(0), **seg, **shared, jitter=1e-3, parallel=parallel)
-        v = kalman.sample_random_walk(jax.random.key(1), seg["ytil"][:, :2], seg["obs_var"][:, 0], seg["mask"], 0.5, parallel=parallel)
+        v = _walk(jax.random.key(1), seg, parallel)
         return x, log_norm, v
 
     x, log_norm, v = run(seg, shared)

@@ -32,6 +32,10 @@ Implementation notes (CPU, jax 0.10):
   backward-conditional factors are then computed for all steps at once, and the
   backward pass is the affine recursion X_t' = E_t' X_{t'+1} + g_t', run by
   ``lax.scan`` (serial) or ``lax.associative_scan`` (parallel).
+- The all-steps backward arrays are (N, A, A); once they outgrow the CPU caches
+  (a few segments of ~3000 frames at A = 12) memory traffic dominates, so on CPU
+  mapping segments in small chunks (``lax.map(..., batch_size=1 or 2)``, spec
+  12.4) can beat a plain ``vmap`` over all of them.
 """
 
 from __future__ import annotations
@@ -139,19 +143,15 @@ def _block_cholesky(mat, size):
     return jnp.concatenate(cols, axis=-1), invs
 
 
-def _block_solve(chol, invs, rhs, transpose=False):
-    """Solve L X = rhs (or L^T X = rhs) with a factor from ``_block_cholesky``."""
+def _block_solve(chol, invs, rhs):
+    """Solve L X = rhs by block forward substitution, with a factor from ``_block_cholesky``."""
     size = invs[0].shape[-1]
-    num = len(invs)
-    sol = [None] * num
-    for k in range(num - 1, -1, -1) if transpose else range(num):
-        rows = slice(k * size, (k + 1) * size)
-        r = rhs[..., rows, :]
-        if transpose and k < num - 1:  # rows of L^T: the columns of L below block k
-            r = r - _mm_tn(chol[..., (k + 1) * size :, rows], jnp.concatenate(sol[k + 1 :], axis=-2))
-        if not transpose and k > 0:
-            r = r - _mm(chol[..., rows, : k * size], jnp.concatenate(sol[:k], axis=-2))
-        sol[k] = _mm_tn(invs[k], r) if transpose else _mm(invs[k], r)
+    sol = []
+    for k, inv in enumerate(invs):
+        r = rhs[..., k * size : (k + 1) * size, :]
+        if k:
+            r = r - _mm(chol[..., k * size : (k + 1) * size, : k * size], jnp.concatenate(sol, axis=-2))
+        sol.append(_mm(inv, r))
     return jnp.concatenate(sol, axis=-2)
 
 
@@ -188,17 +188,18 @@ def _solve_lower_rolled(low, rhs):
 # Model pieces
 # --------------------------------------------------------------------------- #
 class _Steps(NamedTuple):
-    """Lifted transitions X_{t'+1} = F X_t' + [0; b] + N(0, blockdiag(copy_var I, Q)), t' = 0..T-L-1.
+    """Lifted transitions X_{t'+1} = F X_t' + [0; b] + N(0, blockdiag(copy_var I, Q)), t' = 0..N-1.
 
     F = [[shift * I_shifted], [A_row]]: ``shift`` is 1 (or 0 when the source frame
-    is padding), ``A_row`` (P, A) is A_k (or [0 ... 0 I_P]).
+    is padding), ``A_row`` (P, A) is A_k (or [0 ... 0 I_P]). See ``_lifted_steps``
+    for the terminal step t' = N-1.
     """
 
-    shift: jax.Array  # (N-1,)
-    A_row: jax.Array  # (N-1, P, A)
-    b: jax.Array  # (N-1, P)
-    Q: jax.Array  # (N-1, P, P) noise on the newest block
-    copy_var: jax.Array  # (N-1,) noise variance on the copied blocks
+    shift: jax.Array  # (N,)
+    A_row: jax.Array  # (N, P, A)
+    b: jax.Array  # (N, P)
+    Q: jax.Array  # (N, P, P) noise on the newest block
+    copy_var: jax.Array  # (N,) noise variance on the copied blocks
 
 
 class _PseudoObs(NamedTuple):
@@ -271,7 +272,8 @@ def _apply_F(step: _Steps, mat: jax.Array) -> jax.Array:
 
 
 def _predict(step: _Steps, filt):
-    """From the filtered [Cov | mean] of X_t' (A, A+1): F [Cov | mean] and the predicted [Cov^- | mean^-] of X_{t'+1}."""
+    """From the filtered [Cov | mean] of X_t' (A, A+1): F [Cov | mean] and the
+    predicted [Cov^- | mean^-] of X_{t'+1}."""
     latent_dim = step.Q.shape[-1]
     lifted = filt.shape[0]
     f_filt = _apply_F(step, filt)
@@ -327,10 +329,13 @@ def _initial_state(obs: _PseudoObs, n_lags, latent_dim, dtype):
 
 
 # --------------------------------------------------------------------------- #
-# Forward filters: filtered [Cov | mean] (N, A, A+1), F [Cov | mean] and predicted
-# [Cov^- | mean^-] (N-1, A, A+1), and the summed log predictive densities
+# Forward filters. Both return, for t' = 0..N-1, the filtered [Cov | mean] of X_t',
+# F_t' [Cov | mean] and the predicted [Cov^- | mean^-] of X_{t'+1} (each (N, A, A+1)),
+# and the sum of the log predictive densities of frames L..T-1.
 # --------------------------------------------------------------------------- #
 def _filter_serial(steps: _Steps, obs: _PseudoObs, filt0):
+    """Kalman filter by ``lax.scan`` from the filtered [Cov | mean] of X_0."""
+
     def body(filt, args):
         step, obs_R, obs_w, obs_const = args
         f_filt, pred = _predict(step, filt)
@@ -397,6 +402,7 @@ def _combine_filter(earlier, later):
 
 
 def _filter_parallel(steps: _Steps, obs: _PseudoObs, filt0):
+    """The same by an associative scan over filtering elements, then the predictions."""
     lifted = filt0.shape[0]
     mean0, cov0 = filt0[:, lifted], filt0[:, :lifted]
     real = jax.tree.map(lambda a: a[:-1], (steps, obs))
@@ -581,9 +587,10 @@ def sample_random_walk(key, obs_mean, obs_var, mask, sigmasq_loc, prior_var=1e4,
     step_var = jnp.concatenate([jnp.full((1,), prior_var, dtype), step_var])
     filt = _rw_filter_parallel if parallel else _rw_filter_serial
     means, variances = filt(obs_mean, obs_var.astype(dtype), step_var)
-    next_var = jnp.append(step_var[1:], jnp.inf)  # no successor after the last frame: G = 0
-    gains = variances / (variances + next_var)
-    cond_var = jnp.where(jnp.isinf(next_var), variances, gains * next_var)
+    last = jnp.arange(num_frames) == num_frames - 1  # no successor: G = 0, filtered variance
+    next_var = jnp.append(step_var[1:], 1.0)
+    gains = jnp.where(last, 0.0, variances / (variances + next_var))
+    cond_var = jnp.where(last, variances, gains * next_var)
     offsets = (1 - gains)[:, None] * means + jnp.sqrt(cond_var)[:, None] * normals
     backward = _affine_backward_parallel if parallel else _affine_backward_serial
     return backward(gains, offsets)
