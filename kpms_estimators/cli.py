@@ -16,19 +16,20 @@ import numpy as np
 from ._summary import syllable_durations
 
 
-def save_results(results: dict, path, attrs: dict | None = None) -> Path:
-    """Write ``{recording: xarray.Dataset}`` to one netCDF4 file, one group per recording.
+def save_results(results: dict, path) -> Path:
+    """Write ``{recording: Dataset(syllable, latent_state, centroid, heading)}`` to one netCDF4 file.
 
-    Group names are the recording names with "/" replaced by "|" (netCDF groups
-    cannot contain "/"); each group's ``recording`` attribute keeps the real name.
+    Same layout as ``fitting.apply_model``: dims (recording, time), syllable -1 and
+    the other variables NaN past each recording's ``n_frames``; the file is replaced.
     """
+    from .fitting import _write_results
+
+    arrays = {rec: {k: ds[k].values for k in ("syllable", "latent_state", "centroid", "heading")}
+              for rec, ds in results.items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         path.unlink()
-    for i, (name, ds) in enumerate(results.items()):
-        ds = ds.assign_attrs(recording=str(name), **(attrs or {}))
-        ds.to_netcdf(path, mode="w" if i == 0 else "a", group=str(name).replace("/", "|"), engine="netcdf4")
+    _write_results(path, arrays, overwrite=True)
     return path
 
 
@@ -59,7 +60,7 @@ def _fit_and_save(model, poses, out, fps) -> int:
     results = model.transform(poses)
     labels = {rec: ds["syllable"].values for rec, ds in results.items()}
     _print_fit_summary(model, labels, fps)
-    path = save_results(results, out, attrs={"model": type(model).__name__, "latent_dim": model.latent_dim_})
+    path = save_results(results, out)
     print(f"Per-recording results (syllable, latent_state, centroid, heading) written to {path}")
     return 0
 
@@ -87,7 +88,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from .io import load_many
 
-    poses = load_many(args.paths, source_software=args.source_software, fps=args.fps)
+    poses = {}
+    for path in args.paths:  # each may be a file, a folder or a glob pattern
+        for name, ds in load_many(path, source_software=args.source_software, fps=args.fps).items():
+            if name in poses:
+                raise ValueError(f"Two pose files are both named {name!r} (from {path}); rename one.")
+            poses[name] = ds
     print(f"Loaded {len(poses)} file(s): {', '.join(poses)}")
     return _fit_and_save(_keypoint_model(args), poses, args.out, fps=args.fps)
 
