@@ -11,8 +11,6 @@ The persistent compilation cache is disabled here so that compile time is real.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import jax
@@ -20,6 +18,7 @@ import jax
 jax.config.update("jax_enable_compilation_cache", False)
 
 import numpy as np  # noqa: E402
+from _report import report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from kpms_estimators import ARHMM  # noqa: E402
 from kpms_estimators._core import arhmm as core  # noqa: E402
@@ -67,14 +66,8 @@ def main() -> None:
         "init_compile_s": round(init_compile_s, 3),
         "steady_s_per_sweep_median": round(float(np.median(times[1:])), 4),
         "repeats": args.repeats,
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "machine": platform.platform(),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

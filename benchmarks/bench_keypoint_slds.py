@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import platform
 import resource
 import time
 
@@ -24,6 +22,7 @@ import jax
 jax.config.update("jax_enable_compilation_cache", False)
 
 import numpy as np  # noqa: E402
+from _report import report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from kpms_estimators import KeypointSLDS  # noqa: E402
 from kpms_estimators._estimators._base import float64  # noqa: E402
@@ -82,14 +81,8 @@ def main() -> None:
         "steady_full_s_per_sweep": round(sweep, 4),
         "all_terms_finite": bool(ar_ok and ok),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "machine": platform.platform(),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,21 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
             return chain, key, True
         return chain, key, False
 
+    def _check_numbers(self, integers=(), counts=(), positive=(), nonnegative=()):
+        """Validate constructor arguments by name: integers >= 1, counts >= 0, finite floats > 0 / >= 0."""
+        for names, minimum in ((integers, 1), (counts, 0)):
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, (int, np.integer)) or value < minimum:
+                    what = "a positive" if minimum else "a non-negative"
+                    raise ValueError(f"{name} must be {what} integer, got {value!r}")
+        for names, strict in ((positive, True), (nonnegative, False)):
+            for name in names:
+                value = getattr(self, name)
+                if not np.isfinite(value) or value < 0 or (strict and value == 0):
+                    what = "positive" if strict else "non-negative"
+                    raise ValueError(f"{name} must be a {what} finite number, got {value!r}")
+
     def _set_syllable_attributes(self, batch):
         """Relabel syllables by frequency over real labelled frames (0 = most used; ties: lower index first)."""
         chain = self.chain_state_

@@ -157,16 +157,8 @@ class ARHMM(GibbsEstimator):
         )
 
     def _check_hyperparameters(self):
-        for name in ("n_states", "n_lags", "n_iter"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("alpha", "gamma", "S_0_scale", "K_0_scale"):
-            value = getattr(self, name)
-            if not np.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if not np.isfinite(self.kappa) or self.kappa < 0:
-            raise ValueError(f"kappa must be a non-negative finite number, got {self.kappa!r}")
+        self._check_numbers(integers=("n_states", "n_lags", "n_iter"),
+                            positive=("alpha", "gamma", "S_0_scale", "K_0_scale"), nonnegative=("kappa",))
 
     def _init_chain(self, key, data):
         return _init_state(key, data, self._hypers(data), int(self.n_states))

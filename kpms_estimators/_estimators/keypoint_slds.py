@@ -301,18 +301,11 @@ class KeypointSLDS(GibbsEstimator):
         )
 
     def _check_hyperparameters(self, data):
-        for name in ("n_states", "n_lags", "n_iter", "n_ar_iter", "n_apply_iter", "n_marginal_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < (0 if name in ("n_ar_iter", "n_apply_iter") else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("alpha", "gamma", "S_0_scale", "K_0_scale", "nu_s", "nu_sigma", "sigmasq_0"):
-            value = getattr(self, name)
-            if not np.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        for name in ("kappa", "ar_kappa", "jitter", "added_noise_level", "conf_pseudocount"):
-            value = getattr(self, name)
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        self._check_numbers(
+            integers=("n_states", "n_lags", "n_iter", "n_marginal_samples"), counts=("n_ar_iter", "n_apply_iter"),
+            positive=("alpha", "gamma", "S_0_scale", "K_0_scale", "nu_s", "nu_sigma", "sigmasq_0"),
+            nonnegative=("kappa", "ar_kappa", "jitter", "added_noise_level", "conf_pseudocount"),
+        )
         if self.sigmasq_loc is not None and not (np.isfinite(self.sigmasq_loc) and self.sigmasq_loc > 0):
             raise ValueError(f"sigmasq_loc must be None or a positive number, got {self.sigmasq_loc!r}")
         n_kp, n_dims = data.Y.shape[2:]
