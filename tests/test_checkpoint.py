@@ -28,7 +28,7 @@ from kpms_estimators._core import keypoint_slds as kp_core
 from kpms_estimators.datasets import simulate_arhmm, simulate_keypoints
 
 REPO = Path(__file__).resolve().parents[1]
-JAX_CACHE = os.environ.get("KPMS_JAX_CACHE", str(REPO / ".jax_cache"))
+JAX_CACHE = os.environ.get("KPMS_JAX_CACHE", "")  # opt-in, see conftest.py
 
 AR_SIM = dict(n_states=3, latent_dim=2, n_recordings=2, n_frames=200, random_state=0)
 AR_PARAMS = dict(n_states=5, n_iter=3, random_state=0)
@@ -364,8 +364,9 @@ def test_malformed_files_raise_value_error(tmp_path, ar_fitted):
 _CHILD = r"""
 import sys
 import jax
-jax.config.update("jax_compilation_cache_dir", sys.argv[2])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+if sys.argv[2]:
+    jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 from kpms_estimators import ARHMM
 from kpms_estimators.datasets import simulate_arhmm
 
