@@ -236,6 +236,14 @@ def fit_model(model, data, metadata, project_dir=None, model_name=None, num_iter
     checkpoint are deleted first. Ctrl-C returns the last complete model.
     Progress plots are not implemented yet (``generate_progress_plots`` is ignored
     with a warning when True and a project_dir is given).
+
+    A sweep that gives NaN or inf is rolled back and retried from the last finite
+    state with a fresh key and 10x the jitter, up to 3 times (the ``nan_retries``
+    history series counts the retries of each sweep). If it stays non-finite,
+    fitting stops with a ``RuntimeWarning`` naming the arrays and their non-finite
+    counts; the returned model is the last finite one (also saved to the
+    checkpoint, when there is one), and ``model["estimator"]["fitted"]["nan_stop_"]``
+    describes the stop (None otherwise).
     """
     if location_aware:
         raise NotImplementedError(_ALLO_GAP)
@@ -260,14 +268,23 @@ def fit_model(model, data, metadata, project_dir=None, model_name=None, num_iter
         schedule = [(stage, int(num_iters - start_iter), step, hypers)]
         done = [start_iter]
 
+        saved = [None]
+
         def save(chain, k):
             done[0] += 1
             if path is not None and (done[0] % save_every_n_iters == 0 or done[0] == num_iters):
                 _save_snapshot(path, est, chain, k, history, stages, data, metadata, done[0], cdata.s0)
+                saved[0] = done[0]
 
         if path is not None and path.exists():
             _checkpoint.delete_snapshots_after(path, start_iter)
-        state, key, interrupted = est._run_sweeps(key, state, cdata, schedule, history, stages, callback=save)
+        est.nan_stop_ = None
+        state, key, interrupted, nan_stop = est._run_sweeps(key, state, cdata, schedule, history, stages,
+                                                            callback=save)
+        est.nan_stop_ = nan_stop
+        if nan_stop is not None and path is not None and done[0] > start_iter and saved[0] != done[0]:
+            # keep the last finite state on disk, so that a resume (e.g. with a larger jitter) starts there
+            _save_snapshot(path, est, state, key, history, stages, data, metadata, done[0], cdata.s0)
         est._store_chain(state, key, history, stages, done[0])
         model = _to_model(est, state, key, cdata.s0)
     if interrupted:

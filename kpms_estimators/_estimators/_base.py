@@ -12,14 +12,25 @@ A model subclass fills in a few hooks (sklearn-mixture style):
 - ``_schedule(first, data)``: the stages of sweeps of one call, by default
   ``n_iter`` sweeps of ``_gibbs_step``, a module-level jitted
   ``(key, state, data, hypers) -> (state, info)``.
+
+After every sweep the loop checks on the device that the new chain state and
+the sweep's log-likelihood terms are finite. A sweep that gives NaN or inf is
+rolled back and retried from the last finite state with a fresh key and, where
+the hyperparameters have a ``jitter`` (the keypoint SLDS), ten times the jitter
+per retry; the number of retries of each sweep is the ``nan_retries`` series of
+the history. A sweep still not finite after ``_MAX_NAN_RETRIES`` retries stops
+the fit with a ``RuntimeWarning`` naming the arrays; the last finite state stays
+the fitted one and ``nan_stop_`` describes the stop (model spec 11, 12.2).
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from contextlib import contextmanager
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 from scipy import sparse
@@ -58,8 +69,69 @@ def _fingerprint(batch: _data.Batch) -> str:
     return digest.hexdigest()
 
 
+#: Retries of a sweep that gave non-finite values, before the fit stops.
+_MAX_NAN_RETRIES = 3
+#: Factor on the jitter per retry, and the jitter the first retry starts from when it is 0.
+_JITTER_GROWTH = 10.0
+_MIN_RETRY_JITTER = 1e-4
+
+
+def _is_float(leaf) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """True when every float leaf of ``tree`` is finite: one fused reduction on the device."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree) if _is_float(leaf)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def _path_name(path) -> str:
+    """``params.Ab``, ``x``, ``info.Y``: a pytree path as dotted names (the checkpoint's variable names)."""
+    parts = []
+    for entry in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return ".".join(parts)
+
+
+def nonfinite_counts(tree) -> dict[str, list[int]]:
+    """``{path: [non-finite entries, entries]}`` for every float leaf of ``tree`` that has any."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_float(leaf):
+            arr = np.asarray(leaf)
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                out[_path_name(path)] = [bad, int(arr.size)]
+    return out
+
+
+def _retry_hypers(hypers, retry: int):
+    """The hyperparameters of retry ``retry`` (1, 2, ...): a larger ``jitter`` where there is one."""
+    if retry == 0 or "jitter" not in getattr(hypers, "_fields", ()):
+        return hypers
+    base = jnp.maximum(hypers.jitter, _MIN_RETRY_JITTER)
+    return hypers._replace(jitter=(base * _JITTER_GROWTH**retry).astype(jnp.result_type(hypers.jitter)))
+
+
 class GibbsEstimator(DensityMixin, BaseEstimator):
-    """Base class owning the Gibbs loop, ``partial_fit`` and the sklearn contract."""
+    """Base class owning the Gibbs loop, ``partial_fit`` and the sklearn contract.
+
+    Fitted attributes set here for every model: ``chain_state_``, ``rng_key_``,
+    ``n_iter_``, ``log_likelihood_terms_`` (per-sweep series, including
+    ``nan_retries``: how often each sweep was retried after non-finite values),
+    ``log_likelihood_history_``, ``stage_history_`` and ``nan_stop_`` (None, or
+    a dict describing why the last call stopped early on non-finite values:
+    ``iteration`` (the completed sweeps kept), ``stage``, ``retries``,
+    ``jitter`` (the last one tried, or None) and ``nonfinite`` (``{array: [non-finite
+    entries, entries]}``)).
+    """
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -148,8 +220,9 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
                 stages = list(self.stage_history_)
             schedule = self._schedule(first, data)
             n_before = len(stages)
-            chain, key, interrupted = self._run_sweeps(key, chain, data, schedule, history, stages)
+            chain, key, interrupted, nan_stop = self._run_sweeps(key, chain, data, schedule, history, stages)
         self._store_chain(chain, key, history, stages, getattr(self, "n_iter_", 0) + len(stages) - n_before)
+        self.nan_stop_ = nan_stop
         self._fingerprint_ = fingerprint
         self._set_fitted_attributes(recordings, batch)
         if interrupted:  # the completed sweeps are kept; let the caller see the interrupt
@@ -178,17 +251,36 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
     def _run_sweeps(self, key, chain, data, schedule, history, stages, callback=None):
         """Run the schedule's sweeps, appending per-sweep terms to ``history`` and ``stages``.
 
-        ``callback(chain, key)`` runs after every sweep (checkpointing). Ctrl-C
-        stops after the last complete sweep: returns (chain, key, interrupted).
+        ``callback(chain, key)`` runs after every completed sweep (checkpointing).
+        Ctrl-C stops after the last complete sweep. A sweep with non-finite values
+        is retried from the last finite state (see the module docstring); if it
+        stays non-finite, the fit stops with a ``RuntimeWarning``.
+
+        Returns ``(chain, key, interrupted, nan_stop)``: the last finite chain and
+        its key, whether Ctrl-C stopped the loop, and None or the description of a
+        stop on non-finite values (the ``nan_stop_`` attribute).
         """
+        n_done = len(stages)
         try:
             for stage, n_sweeps, step, hypers in schedule:
                 progress = tqdm(range(n_sweeps), disable=not self.verbose, desc=f"{type(self).__name__} ({stage})")
                 for _ in progress:
                     next_key, step_key = jax.random.split(key)
-                    new_chain, info = step(step_key, chain, data, hypers)
+                    for retry in range(_MAX_NAN_RETRIES + 1):
+                        # retries start again from ``chain``, the last finite state
+                        attempt_key = step_key if retry == 0 else jax.random.fold_in(step_key, retry)
+                        attempt_hypers = _retry_hypers(hypers, retry)
+                        new_chain, info = step(attempt_key, chain, data, attempt_hypers)
+                        finite, info = jax.device_get((_all_finite((new_chain, info)), info))
+                        if finite:
+                            break
+                    else:
+                        return chain, key, False, self._stop_on_nonfinite(
+                            new_chain, info, stage, n_done, retry, attempt_hypers)
                     info = {k: float(v) for k, v in info.items()}
-                    chain, key = new_chain, next_key  # only a complete sweep replaces the chain
+                    info["nan_retries"] = float(retry)
+                    chain, key = new_chain, next_key  # only a complete, finite sweep replaces the chain
+                    n_done += 1
                     for name, value in info.items():
                         history.setdefault(name, []).append(value)
                     stages.append(stage)
@@ -196,10 +288,28 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
                         callback(chain, key)
                     if self.verbose:
                         total = sum(info[k] for k in self._likelihood_terms)
-                        progress.set_postfix(log_lik=f"{total:.4g}", used=int(info.get("n_used", -1)))
+                        progress.set_postfix(log_lik=f"{total:.4g}", used=int(info.get("n_used", -1)),
+                                             **({"nan_retries": retry} if retry else {}))
         except KeyboardInterrupt:
-            return chain, key, True
-        return chain, key, False
+            return chain, key, True, None
+        return chain, key, False, None
+
+    def _stop_on_nonfinite(self, new_chain, info, stage, n_done, retries, hypers) -> dict:
+        """Warn about a sweep that stayed non-finite; the description kept as ``nan_stop_``."""
+        counts = nonfinite_counts((new_chain, {"info": info}))
+        counts = {name.split(".", 1)[1]: n for name, n in counts.items()}  # drop the tuple index
+        jitter = float(hypers.jitter) if "jitter" in getattr(hypers, "_fields", ()) else None
+        arrays = ", ".join(f"{name} ({bad} of {size} entries)" for name, (bad, size) in counts.items())
+        retried = f"{retries} retries with fresh keys" + (f" and jitter up to {jitter:g}" if jitter is not None else "")
+        warnings.warn(
+            f"{type(self).__name__}: sweep {n_done + 1} ({stage!r} stage) gave non-finite values after "
+            f"{retried}: {arrays}. Fitting stopped; the fitted state is the last finite one, after {n_done} "
+            "sweeps. Larger jitter, float64 inputs or other hyperparameters may help (model spec 12.2).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return {"iteration": int(n_done), "stage": str(stage), "retries": int(retries), "jitter": jitter,
+                "nonfinite": counts}
 
     def _check_numbers(self, integers=(), counts=(), positive=(), nonnegative=()):
         """Validate constructor arguments by name: integers >= 1, counts >= 0, finite floats > 0 / >= 0."""

@@ -73,7 +73,13 @@ class ARHMM(GibbsEstimator):
         Log-likelihood ("z" + "x" terms) after each sweep.
     log_likelihood_terms_ : dict of str -> ndarray of shape (n_iter_,)
         Per-term log-likelihoods per sweep: "z" (transitions), "x" (AR
-        emissions), "marginal" (x with z summed out), "n_used" (states used).
+        emissions), "marginal" (x with z summed out), "n_used" (states used),
+        "nan_retries" (retries of the sweep after non-finite values, normally 0).
+    nan_stop_ : dict or None
+        None, or why the last call stopped early: a sweep stayed non-finite
+        after its retries (``iteration``, ``stage``, ``retries``, ``nonfinite``
+        = ``{array: [non-finite entries, entries]}``); the fitted state is then
+        the last finite one.
     syllable_order_ : ndarray of shape (n_states,)
         ``syllable_order_[label]`` is the chain's internal state shown as
         ``label``; labels are sorted by training frequency, 0 most used.
