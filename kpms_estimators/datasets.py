@@ -128,6 +128,7 @@ def simulate_keypoints(
     n_recordings: int = 4,
     n_frames: int = 3000,
     mean_duration: float = 20.0,
+    latent_noise: float = 0.3,
     body_length: float = 40.0,
     pose_scale: float = 8.0,
     sigmasq_loc: float = 0.5,
@@ -153,6 +154,14 @@ def simulate_keypoints(
         K keypoints in D = 2 or 3 dimensions.
     n_states, latent_dim, n_lags, n_recordings, n_frames, mean_duration :
         As in :func:`simulate_arhmm`.
+    latent_noise : float, default=0.3
+        Standard deviation of the latent AR innovations (``noise_scale`` of
+        :func:`simulate_arhmm`). With ``pose_scale=8`` the keypoint noise is about
+        0.25 in latent units; innovations well below that make the settled phase
+        of a syllable indistinguishable from tracking noise, and a fit then splits
+        such a syllable into a "moving" and a "settled" state (measured with 0.1:
+        matched accuracy 0.72-0.85 after 50 + 100 sweeps; with 0.3: 0.98-0.99 on
+        four chains).
     body_length, pose_scale : float
         Size of the body template and of the pose changes, in coordinate units.
     sigmasq_loc, nu_s, noise_slope, noise_intercept : float
@@ -174,7 +183,8 @@ def simulate_keypoints(
             f"{n_keypoints=}, {latent_dim=}"
         )
     seed = check_random_state(random_state).randint(2**31 - 1)
-    arhmm = simulate_arhmm(n_states, latent_dim, n_lags, n_recordings, n_frames, mean_duration, random_state=seed)
+    arhmm = simulate_arhmm(n_states, latent_dim, n_lags, n_recordings, n_frames, mean_duration,
+                           noise_scale=latent_noise, random_state=seed)
     rng = np.random.default_rng(seed + 1)
     gamma = centring_embedding(n_keypoints)
     d = (gamma.T @ _body_template(n_keypoints, n_dims, body_length)).reshape(-1)

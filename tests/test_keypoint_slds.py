@@ -37,14 +37,14 @@ def _angle_error(a, b):
 
 
 def test_recovers_syllables_heading_and_centroid(sim, fitted):
-    """After 50 AR-only + 100 full sweeps: matched syllable accuracy >= 0.8 (measured 0.85-0.97
-    depending on the chain; the issue's >= 0.9 is the slow test below, not yet met); median heading error < 0.2 rad and
+    """After 50 AR-only + 100 full sweeps: matched syllable accuracy >= 0.9 (measured 0.981-0.991 on
+    chains 0-3 with the simulator's default latent_noise=0.3); median heading error < 0.2 rad and
     median centroid error < 1.5 units (body length 40, per-coordinate noise ~1.8 units)."""
     results = fitted.transform(sim.poses)
     assert sorted(results) == sorted(sim.poses)
     labels = np.concatenate([results[r]["syllable"].values for r in sorted(results)])
     truth = np.concatenate([sim.syllables[r] for r in sorted(results)])
-    assert matched_accuracy(truth, labels) >= 0.8
+    assert matched_accuracy(truth, labels) >= 0.9
     heading = np.concatenate([_angle_error(results[r]["heading"].values, sim.heading[r]) for r in results])
     centroid = np.concatenate(
         [np.linalg.norm(results[r]["centroid"].values - sim.centroid[r], axis=-1) for r in results]
@@ -60,16 +60,13 @@ def test_recovers_syllables_heading_and_centroid(sim, fitted):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue 3): measured 0.843 after 50 + 400 sweeps on 2026-11-27 (0.974 after 50 + 100 on an "
-    "earlier chain): a true syllable stays split in two; under investigation"))
 def test_recovers_syllables_after_longer_chains(sim):
-    """The issue's bound: matched accuracy >= 0.9 after 50 AR-only + 400 full sweeps."""
-    model = KeypointSLDS(latent_dim=4, n_ar_iter=50, n_iter=400, n_apply_iter=20, random_state=0,
+    """Matched accuracy >= 0.95 after 50 AR-only + 400 full sweeps on another chain."""
+    model = KeypointSLDS(latent_dim=4, n_ar_iter=50, n_iter=400, n_apply_iter=20, random_state=1,
                          anterior_keypoints=["nose"], posterior_keypoints=["tail_base"]).fit(sim.poses)
     labels = model.predict(sim.poses)
     truth = np.concatenate([sim.syllables[r] for r in sorted(labels)])
-    assert matched_accuracy(truth, np.concatenate([labels[r] for r in sorted(labels)])) >= 0.9
+    assert matched_accuracy(truth, np.concatenate([labels[r] for r in sorted(labels)])) >= 0.95
 
 
 def test_predict_proba_and_score(sim, fitted):
