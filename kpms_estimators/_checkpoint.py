@@ -690,6 +690,31 @@ def read_checkpoint(path, iteration: int | None = None):
     return meta, state, key_data, history, iteration
 
 
+def read_snapshot_variable(path, name: str) -> dict[int, np.ndarray]:
+    """One variable (e.g. ``z``) of every snapshot, ``{iteration: array}`` in order, loading nothing else."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at {os.fspath(path)!r}")
+    out = {}
+    try:
+        with xr.open_datatree(
+            path, engine=_ENGINE, mask_and_scale=False, decode_times=False, decode_timedelta=False
+        ) as tree:
+            _check_root(path, tree.attrs)
+            for group, child in tree.children.items():
+                match = _SNAPSHOT_RE.match(group)
+                if match is None:
+                    continue
+                if name not in child.variables:
+                    raise CheckpointError(f"{os.fspath(path)!r}, group /{group}: no variable {name!r}")
+                out[int(match.group(1))] = _decode_array(child[name], name)
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise _open_error(path, exc) from exc
+    return dict(sorted(out.items()))
+
+
 def read_data(path):
     """``(data, keys, bounds)`` from the ``/data`` group, or ``None`` if there is none."""
     groups, _ = _read_groups(path, which=lambda name, names: name == "data")

@@ -232,10 +232,16 @@ def fit_model(model, data, metadata, project_dir=None, model_name=None, num_iter
     ``ar_only`` resamples only the AR-HMM part (z and its parameters). With
     ``project_dir``, a netCDF4 checkpoint ``{project_dir}/{model_name}/checkpoint.nc``
     is saved every ``save_every_n_iters`` completed sweeps and at the end
-    (``None``: never); snapshots later than ``start_iter`` in an existing
-    checkpoint are deleted first. Ctrl-C returns the last complete model.
-    Progress plots are not implemented yet (``generate_progress_plots`` is ignored
-    with a warning when True and a project_dir is given).
+    (``None``: never; 0 or negative: only at the end); snapshots later than
+    ``start_iter`` in an existing checkpoint are deleted first. Ctrl-C returns
+    the last complete model.
+
+    With ``generate_progress_plots`` (and a checkpoint), every save also writes
+    PNG plots to ``{project_dir}/{model_name}/plots/`` (:func:`kpms_estimators.plots.plot_progress`):
+    syllable frequencies and durations now, the median duration and one
+    segment's syllable sequence at every saved iteration (earlier snapshots are
+    read from the checkpoint), and the per-term log-likelihood trace.
+    ``save_every_n_iters=0`` turns the plots off with a warning, as the reference does.
 
     A sweep that gives NaN or inf is rolled back and retried from the last finite
     state with a fresh key and 10x the jitter, up to 3 times (the ``nan_retries``
@@ -249,47 +255,79 @@ def fit_model(model, data, metadata, project_dir=None, model_name=None, num_iter
         raise NotImplementedError(_ALLO_GAP)
     if num_iters < start_iter:
         raise ValueError(f"num_iters={num_iters} is less than start_iter={start_iter}.")
+    if save_every_n_iters is not None and not isinstance(save_every_n_iters, (int, np.integer)):
+        raise ValueError(f"save_every_n_iters must be an integer or None, got {save_every_n_iters!r}.")
     model_name = model_name or _dt.datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
     est, state, key = _from_model(model)
     est.set_params(verbose=verbose, jitter=jitter, parallel_message_passing=parallel_message_passing)
     history = {k: list(v) for k, v in model["estimator"]["history"].items()}
     stages = list(model["estimator"]["stages"])
-    path = None
+    path = progress = None
     if project_dir is not None and save_every_n_iters is not None:
         path = _checkpoint_path(project_dir, model_name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if generate_progress_plots:
-            warnings.warn("Progress plots are not implemented yet; none written.", UserWarning, stacklevel=2)
+        if path.exists():
+            _checkpoint.delete_snapshots_after(path, start_iter)
+        if generate_progress_plots and save_every_n_iters == 0:
+            warnings.warn("save_every_n_iters=0: progress plots are off; only the final snapshot is saved.",
+                          UserWarning, stacklevel=2)
+        elif generate_progress_plots:
+            progress = _ProgressPlots(path, model_name, np.asarray(data["mask"])[:, est.n_lags :] > 0)
     with float64():
         cdata = _core_data(est, data)
         hypers = est._hypers(cdata)
         stage = "ar_only" if ar_only else "full"
         step = lambda k, s, d, h: _step(k, s, d, h, switches=est._switches(ar_only=ar_only))  # noqa: E731
         schedule = [(stage, int(num_iters - start_iter), step, hypers)]
-        done = [start_iter]
-
-        saved = [None]
+        done, saved = [start_iter], [None]
 
         def save(chain, k):
-            done[0] += 1
-            if path is not None and (done[0] % save_every_n_iters == 0 or done[0] == num_iters):
-                _save_snapshot(path, est, chain, k, history, stages, data, metadata, done[0], cdata.s0)
-                saved[0] = done[0]
+            saved[0] = done[0]
+            _save_snapshot(path, est, chain, k, history, stages, data, metadata, done[0], cdata.s0)
+            if progress is not None:
+                progress.draw(chain.z, done[0], history, stages)
 
-        if path is not None and path.exists():
-            _checkpoint.delete_snapshots_after(path, start_iter)
+        def after_sweep(chain, k):
+            done[0] += 1
+            if path is not None and (done[0] == num_iters or (save_every_n_iters > 0
+                                                             and done[0] % save_every_n_iters == 0)):
+                save(chain, k)
+
         est.nan_stop_ = None
         state, key, interrupted, nan_stop = est._run_sweeps(key, state, cdata, schedule, history, stages,
-                                                            callback=save)
+                                                            callback=after_sweep)
         est.nan_stop_ = nan_stop
         if nan_stop is not None and path is not None and done[0] > start_iter and saved[0] != done[0]:
-            # keep the last finite state on disk, so that a resume (e.g. with a larger jitter) starts there
-            _save_snapshot(path, est, state, key, history, stages, data, metadata, done[0], cdata.s0)
+            save(state, key)  # keep the last finite state on disk: a resume (e.g. larger jitter) starts there
         est._store_chain(state, key, history, stages, done[0])
         model = _to_model(est, state, key, cdata.s0)
     if interrupted:
         warnings.warn(f"Interrupted: returning the model after {done[0]} sweeps.", UserWarning, stacklevel=2)
     return model, model_name
+
+
+class _ProgressPlots:
+    """fit_model's progress plots: the syllables at each save, with those of earlier snapshots."""
+
+    def __init__(self, path: Path, model_name: str, label_mask: np.ndarray):
+        self.out_dir = path.parent / "plots"
+        self.model_name = model_name
+        self.label_mask = label_mask  # (B, T-L) bool: labelled real frames
+        saved = _checkpoint.read_snapshot_variable(path, "z") if path.exists() else {}
+        self.snapshots = {it: self._labelled(z) for it, z in saved.items()}
+
+    def _labelled(self, z) -> list[np.ndarray]:
+        z = np.asarray(z)
+        return [z[b][self.label_mask[b]] for b in range(z.shape[0])]
+
+    def draw(self, z, iteration: int, history: dict, stages: list) -> None:
+        from . import plots
+
+        current = self._labelled(z)
+        previous = {it: s for it, s in self.snapshots.items() if it < iteration}
+        plots.plot_progress({**history, "stage": np.asarray(stages, dtype=str)}, current, self.out_dir,
+                            iteration=iteration, syllable_history=previous, model_name=self.model_name)
+        self.snapshots[iteration] = current
 
 
 def _save_snapshot(path, est, chain, key, history, stages, data, metadata, iteration, noise_prior):

@@ -96,3 +96,41 @@ def test_apply_and_marginals(formatted, tmp_path):
     assert samples["rec1"].shape == (3, 300)
     with pytest.raises(NotImplementedError, match="AlloKeypointSLDS"):
         fitting.fit_model(model, data, metadata, location_aware=True)
+
+
+def test_progress_plots_at_each_save(formatted, tmp_path, monkeypatch):
+    """Plots at every save, with the syllables of earlier snapshots (also after a resume); none when off."""
+    from kpms_estimators import plots
+
+    _, data, metadata = formatted
+    model = fitting.init_model(data, seed=0, **HYP)
+    calls = []
+    real = plots.plot_progress
+
+    def spy(history, syllables, out_dir, **kwargs):
+        calls.append((kwargs["iteration"], sorted(kwargs["syllable_history"]), len(history["x"])))
+        return real(history, syllables, out_dir, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_progress", spy)
+    kw = dict(project_dir=tmp_path, model_name="m", ar_only=True)
+    first, _ = fitting.fit_model(model, data, metadata, num_iters=3, save_every_n_iters=2, **kw)
+    fitting.fit_model(first, data, metadata, num_iters=4, start_iter=3, save_every_n_iters=2, **kw)
+    assert calls == [(2, [], 2), (3, [2], 3), (4, [2, 3], 4)]
+    out = tmp_path / "m" / "plots"
+    assert sorted(p.name for p in out.iterdir()) == sorted(plots.PLOT_FILES.values())
+    for name in plots.PLOT_FILES.values():  # valid, non-trivial PNGs (checked in detail in test_plots.py)
+        content = (out / name).read_bytes()
+        assert content[:8] == b"\x89PNG\r\n\x1a\n" and len(content) > 5000, name
+
+    calls.clear()
+    kw = dict(project_dir=tmp_path, ar_only=True)
+    fitting.fit_model(model, data, metadata, num_iters=1, generate_progress_plots=False, model_name="off", **kw)
+    fitting.fit_model(model, data, metadata, num_iters=1, save_every_n_iters=None, model_name="none", **kw)
+    with pytest.warns(UserWarning, match="progress plots are off"):
+        fitting.fit_model(model, data, metadata, num_iters=2, save_every_n_iters=0, model_name="zero", **kw)
+    assert calls == []
+    assert not (tmp_path / "off" / "plots").exists() and (tmp_path / "off" / "checkpoint.nc").exists()
+    assert not (tmp_path / "none").exists()
+    assert not (tmp_path / "zero" / "plots").exists()
+    with xr.open_datatree(tmp_path / "zero" / "checkpoint.nc", engine="netcdf4") as tree:
+        assert [g for g in tree.children if g.startswith("iteration_")] == ["iteration_000002"]
