@@ -32,6 +32,7 @@ import numpy as np
 import xarray as xr
 
 from . import _checkpoint, _data, _init
+from ._core import arhmm as ar_core
 from ._core import keypoint_slds as core
 from ._core.keypoints import centring_embedding
 from ._estimators._base import float64
@@ -39,7 +40,7 @@ from ._estimators.keypoint_slds import KeypointSLDS, _step
 
 __all__ = [
     "format_data", "init_model", "fit_model", "apply_model", "estimate_syllable_marginals",
-    "update_hypparams", "load_checkpoint", "extract_results",
+    "update_hypparams", "load_checkpoint", "extract_results", "expected_marginal_likelihoods",
 ]
 
 _ALLO_GAP = (
@@ -518,3 +519,126 @@ def _unbatch_marginals(est, model, metadata, marginals):
         per_rec = [m[:, est.syllable_order_] for m in per_rec]
     names = list(dict.fromkeys(np.asarray(metadata[0]).tolist()))
     return dict(zip(names, per_rec))
+
+
+# --------------------------------------------------------------------------- model selection
+@jax.jit
+def _marginal_log_likelihood(x, mask, params: ar_core.ARHMMParams):
+    """sum over segments of log p(x_b | Ab, Q, pi), z summed out by the forward filter (spec 3.5, 9)."""
+    return jnp.sum(ar_core.predictive_log_likelihoods(ar_core.ARHMMData(x, mask), params))
+
+
+def _eml_paths(project_dir, model_names, checkpoint_paths) -> list[Path]:
+    if checkpoint_paths is not None and model_names is not None:
+        raise ValueError("Give either model_names (with project_dir) or checkpoint_paths, not both.")
+    if checkpoint_paths is None:
+        if model_names is None:
+            raise ValueError("expected_marginal_likelihoods needs model_names (with project_dir) or checkpoint_paths.")
+        if project_dir is None:
+            raise ValueError("model_names need the project_dir they were fitted in.")
+        model_names = [model_names] if isinstance(model_names, str) else list(model_names)
+        paths = [_checkpoint_path(project_dir, name) for name in model_names]
+    else:
+        checkpoint_paths = [checkpoint_paths] if isinstance(checkpoint_paths, (str, os.PathLike)) else checkpoint_paths
+        paths = [Path(p) for p in checkpoint_paths]
+    if len(paths) < 2:
+        raise ValueError(f"expected_marginal_likelihoods compares at least 2 models; got {len(paths)}.")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"No checkpoint at {missing}.")
+    return paths
+
+
+def _same_data(path, data, keys, bounds, ref_path, ref) -> None:
+    """Raise if a checkpoint's formatted data differ from the first one's (spec 9 needs one dataset)."""
+    ref_data, ref_keys, ref_bounds = ref
+    differences = []
+    if list(keys) != list(ref_keys) or not np.array_equal(bounds, ref_bounds):
+        differences.append("recordings or segment bounds")
+    for name in sorted(set(data) | set(ref_data)):
+        a, b = data.get(name), ref_data.get(name)
+        if a is None or b is None or a.shape != b.shape or not np.array_equal(a, b, equal_nan=True):
+            differences.append(name)
+    if differences:
+        raise ValueError(
+            f"The models were fitted to different data: {str(path)!r} differs from {str(ref_path)!r} in "
+            f"{', '.join(differences)}. Expected marginal likelihoods compare models fitted to the same data."
+        )
+
+
+def expected_marginal_likelihoods(project_dir=None, model_names=None, checkpoint_paths=None):
+    """Score models fitted to the same data by expected marginal likelihood (spec 9).
+
+    For M >= 2 fit_model checkpoints (``{project_dir}/{name}/checkpoint.nc`` for
+    each of ``model_names``, or ``checkpoint_paths``), take the latent
+    trajectory x^j and the AR-HMM parameters theta^i = (Ab, Q, pi) of each
+    latest snapshot, and compute ``mll[i, j] = log p(x^j | theta^i)``: the
+    forward-filter marginal log-likelihood with z summed out (uniform initial
+    state), summed over all segments and labelled frames, so it is a total that
+    grows with the dataset, not a per-frame mean. Then, over j != i,
+
+    - ``scores[i]`` = mean of ``mll[i, j]``;
+    - ``standard_errors[i]`` = sqrt(var_i / (M - 1)), with ``var_i`` the centred
+      population variance (mean of ``(mll[i, j] - scores[i]) ** 2``). This is the
+      reference's convention computed without its cancellation-prone
+      mean-of-squares form.
+
+    The best model has the largest score.
+
+    Parameters
+    ----------
+    project_dir : str or PathLike, optional
+    model_names : sequence of str, optional
+        Models in ``project_dir`` (fit_model's ``model_name``).
+    checkpoint_paths : sequence of str or PathLike, optional
+        Checkpoint files instead of ``project_dir`` and ``model_names``.
+
+    Returns
+    -------
+    scores, standard_errors : ndarray of shape (M,)
+        In the order of the models given.
+
+    Raises
+    ------
+    ValueError
+        Neither (or both) of model_names and checkpoint_paths; fewer than two
+        models; a checkpoint without formatted data (an estimator's ``save``);
+        models fitted to different data, or with different latent_dim or n_lags.
+    FileNotFoundError
+        A checkpoint is missing.
+    """
+    paths = _eml_paths(project_dir, model_names, checkpoint_paths)
+    xs, thetas, reference = [], [], None
+    for path in paths:
+        _, state, _, _, _ = _checkpoint.read_checkpoint(path)
+        stored = _checkpoint.read_data(path)
+        if stored is None or not hasattr(state, "x"):
+            raise ValueError(f"{str(path)!r} holds no formatted data and latent trajectory; expected marginal "
+                             "likelihoods need fit_model checkpoints.")
+        if reference is None:
+            reference = (path, stored)
+        else:
+            _same_data(path, *stored, *reference)
+        xs.append(np.asarray(state.x, dtype=np.float64))
+        p = state.params
+        thetas.append(ar_core.ARHMMParams(*(np.asarray(a, dtype=np.float64) for a in (p.betas, p.pi, p.Ab, p.Q))))
+        first_x, first_ab = xs[0].shape, thetas[0].Ab.shape[1:]
+        if xs[-1].shape != first_x or thetas[-1].Ab.shape[1:] != first_ab:
+            raise ValueError(
+                f"{str(path)!r} has latent states of shape {xs[-1].shape} and AR coefficients {thetas[-1].Ab.shape[1:]}"
+                f" per state, {str(paths[0])!r} {first_x} and {first_ab}: the models differ in latent_dim or n_lags."
+            )
+    n_models = len(paths)
+    mll = np.zeros((n_models, n_models))
+    with float64():
+        mask = jnp.asarray(np.asarray(reference[1][0]["mask"], dtype=np.float64))
+        x_dev = [jnp.asarray(x) for x in xs]
+        for i, theta in enumerate(thetas):
+            theta = jax.tree_util.tree_map(jnp.asarray, theta)
+            for j in range(n_models):
+                if i != j:
+                    mll[i, j] = float(_marginal_log_likelihood(x_dev[j], mask, theta))
+    others = ~np.eye(n_models, dtype=bool)
+    scores = np.where(others, mll, 0.0).sum(axis=1) / (n_models - 1)
+    variances = np.where(others, (mll - scores[:, None]) ** 2, 0.0).sum(axis=1) / (n_models - 1)
+    return scores, np.sqrt(variances / (n_models - 1))

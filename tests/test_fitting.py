@@ -134,3 +134,96 @@ def test_progress_plots_at_each_save(formatted, tmp_path, monkeypatch):
     assert not (tmp_path / "zero" / "plots").exists()
     with xr.open_datatree(tmp_path / "zero" / "checkpoint.nc", engine="netcdf4") as tree:
         assert [g for g in tree.children if g.startswith("iteration_")] == ["iteration_000002"]
+
+
+# ----------------------------------------------------------------------------- expected marginal likelihoods
+
+
+def numpy_marginal_log_likelihood(x, mask, Ab, Q, pi):
+    """Independent float64 forward algorithm in log space (scipy): sum_b log p(x_b | Ab, Q, pi)."""
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    n_states, latent_dim = Ab.shape[:2]
+    n_lags = (Ab.shape[2] - 1) // latent_dim
+    total = 0.0
+    for b in range(x.shape[0]):
+        n = int(mask[b].sum())
+        assert mask[b, :n].all() and not mask[b, n:].any()  # real frames first, then padding
+        lagged = np.stack([x[b, t - n_lags : t].reshape(-1) for t in range(n_lags, n)])  # oldest lag first
+        lagged = np.column_stack([lagged, np.ones(len(lagged))])
+        loglik = np.column_stack([
+            multivariate_normal.logpdf(x[b, n_lags:n] - lagged @ Ab[k].T, np.zeros(latent_dim), Q[k])
+            for k in range(n_states)
+        ])
+        with np.errstate(divide="ignore"):
+            log_pi = np.log(pi)
+        alpha = loglik[0] - np.log(n_states)
+        for row in loglik[1:]:
+            alpha = logsumexp(alpha[:, None] + log_pi, axis=0) + row
+        total += logsumexp(alpha)
+    return total
+
+
+@pytest.fixture(scope="module")
+def eml_project(formatted, tmp_path_factory):
+    """Three AR-only fits of the same data in one project: seeds 0 and 1 (2 sweeps), seed 0 (4 sweeps)."""
+    _, data, metadata = formatted
+    project = tmp_path_factory.mktemp("eml")
+    for name, seed, n in (("a", 0, 2), ("b", 1, 2), ("c", 0, 4)):
+        model = fitting.init_model(data, seed=seed, **HYP)
+        fitting.fit_model(model, data, metadata, project_dir=project, model_name=name, num_iters=n, ar_only=True,
+                          generate_progress_plots=False)
+    return project
+
+
+def test_expected_marginal_likelihoods_against_numpy(eml_project):
+    from kpms_estimators import _checkpoint
+
+    names = ["a", "b", "c"]
+    scores, errors = fitting.expected_marginal_likelihoods(eml_project, names)
+    states = [_checkpoint.read_checkpoint(eml_project / n / "checkpoint.nc")[1] for n in names]
+    mask = _checkpoint.read_data(eml_project / "a" / "checkpoint.nc")[0]["mask"]
+    mll = np.array([[numpy_marginal_log_likelihood(sj.x, mask, si.params.Ab, si.params.Q, si.params.pi)
+                     if i != j else np.nan for j, sj in enumerate(states)] for i, si in enumerate(states)])
+    expected = np.nanmean(mll, axis=1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-10)
+    np.testing.assert_allclose(errors, np.sqrt(np.nanvar(mll, axis=1) / 2), rtol=1e-6)
+    paths = [eml_project / n / "checkpoint.nc" for n in names]
+    np.testing.assert_array_equal(fitting.expected_marginal_likelihoods(checkpoint_paths=paths)[0], scores)
+
+
+def test_expected_marginal_likelihoods_ranks_a_worse_model_lower(eml_project, tmp_path):
+    """A copy of model a whose AR noise covariances are inflated 100x scores below a."""
+    import shutil
+
+    from kpms_estimators import _checkpoint
+
+    worse = tmp_path / "worse.nc"
+    shutil.copy(eml_project / "a" / "checkpoint.nc", worse)
+    _, state, key, _, iteration = _checkpoint.read_checkpoint(worse)
+    state = state._replace(params=state.params._replace(Q=state.params.Q * 100))
+    _checkpoint.add_snapshot(worse, iteration + 1, state, key)
+    paths = [eml_project / n / "checkpoint.nc" for n in ("a", "b", "c")] + [worse]
+    scores, errors = fitting.expected_marginal_likelihoods(checkpoint_paths=paths)
+    assert scores[3] < scores[0] - 1000 and np.all(np.isfinite(errors))
+
+
+def test_expected_marginal_likelihoods_errors(eml_project, formatted):
+    _, data, metadata = formatted
+    with pytest.raises(ValueError, match="needs model_names .* or checkpoint_paths"):
+        fitting.expected_marginal_likelihoods(eml_project)
+    with pytest.raises(ValueError, match="not both"):
+        fitting.expected_marginal_likelihoods(eml_project, ["a", "b"], checkpoint_paths=["x", "y"])
+    with pytest.raises(ValueError, match="need the project_dir"):
+        fitting.expected_marginal_likelihoods(model_names=["a", "b"])
+    with pytest.raises(ValueError, match="at least 2 models"):
+        fitting.expected_marginal_likelihoods(eml_project, ["a"])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        fitting.expected_marginal_likelihoods(eml_project, ["a", "nope"])
+    model = fitting.init_model(data, seed=0, **HYP)
+    other = dict(data, Y=data["Y"] + 0.5)
+    fitting.fit_model(model, other, metadata, project_dir=eml_project, model_name="other", num_iters=1,
+                      ar_only=True, generate_progress_plots=False)
+    with pytest.raises(ValueError, match=r"fitted to different data: '.*other.*' differs from '.*a.*' in Y"):
+        fitting.expected_marginal_likelihoods(eml_project, ["a", "b", "other"])
