@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -227,3 +229,89 @@ def test_expected_marginal_likelihoods_errors(eml_project, formatted):
                       ar_only=True, generate_progress_plots=False)
     with pytest.raises(ValueError, match=r"fitted to different data: '.*other.*' differs from '.*a.*' in Y"):
         fitting.expected_marginal_likelihoods(eml_project, ["a", "b", "other"])
+
+
+# ----------------------------------------------------------------------------- argument combinations
+
+
+def test_ar_only_resamples_only_the_ar_hmm(formatted):
+    _, data, metadata = formatted
+    model = fitting.init_model(data, seed=0, **HYP)
+    ar, _ = fitting.fit_model(model, data, metadata, num_iters=2, ar_only=True)
+    for name in ("x", "h", "v", "s"):
+        np.testing.assert_array_equal(ar["states"][name], model["states"][name])
+    for name in ("Cd", "sigmasq"):
+        np.testing.assert_array_equal(ar["params"][name], model["params"][name])
+    assert not np.array_equal(ar["params"]["Ab"], model["params"]["Ab"])
+    full, _ = fitting.fit_model(ar, data, metadata, num_iters=3, start_iter=2)
+    assert list(full["estimator"]["stages"]) == ["ar_only", "ar_only", "full"]
+    assert not np.array_equal(full["states"]["x"], ar["states"]["x"])
+
+
+def test_resume_from_an_earlier_snapshot(formatted, tmp_path):
+    """Resuming at snapshot 2 of [2, 4] deletes 4; save_every_n_iters=-1 saves only the end; exact chain."""
+    from kpms_estimators import _checkpoint
+
+    _, data, metadata = formatted
+    model = fitting.init_model(data, seed=1, **HYP)
+    kw = dict(project_dir=tmp_path, model_name="m", ar_only=True, generate_progress_plots=False)
+    path = tmp_path / "m" / "checkpoint.nc"
+    fitting.fit_model(model, data, metadata, num_iters=4, save_every_n_iters=2, **kw)
+    assert _checkpoint.list_iterations(path) == [2, 4]
+    loaded, data2, metadata2, iteration = fitting.load_checkpoint(tmp_path, "m", iteration=2)
+    assert iteration == 2 and len(loaded["estimator"]["history"]["x"]) == 2
+    with pytest.raises(ValueError, match="no snapshot at iteration 3"):
+        fitting.load_checkpoint(tmp_path, "m", iteration=3)
+    with pytest.raises(ValueError, match="num_iters=1 is less than start_iter=2"):
+        fitting.fit_model(loaded, data2, metadata2, num_iters=1, start_iter=2)
+    with pytest.raises(ValueError, match="save_every_n_iters must be an integer or None"):
+        fitting.fit_model(loaded, data2, metadata2, num_iters=3, start_iter=2, project_dir=tmp_path,
+                          save_every_n_iters=2.5)
+    resumed, _ = fitting.fit_model(loaded, data2, metadata2, num_iters=5, start_iter=2, save_every_n_iters=-1, **kw)
+    assert _checkpoint.list_iterations(path) == [2, 5]
+    assert len(_checkpoint.read_checkpoint(path)[3]["x"]) == 5
+    one_call, name = fitting.fit_model(model, data, metadata, num_iters=5, ar_only=True)
+    for group in ("states", "params"):
+        for k in one_call[group]:
+            np.testing.assert_array_equal(one_call[group][k], resumed[group][k])
+    assert re.fullmatch(r"\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}", name)  # model_name=None: date and time
+
+
+def test_interrupt_returns_the_last_complete_model(formatted, tmp_path, monkeypatch):
+    _, data, metadata = formatted
+    model = fitting.init_model(data, seed=2, **HYP)
+    real, calls = fitting._step, []
+
+    def interrupt_third_sweep(key, chain, data, hypers, **kwargs):
+        calls.append(key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(key, chain, data, hypers, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fitting, "_step", interrupt_third_sweep)
+        with pytest.warns(UserWarning, match="Interrupted: returning the model after 2 sweeps"):
+            stopped, _ = fitting.fit_model(model, data, metadata, num_iters=5, ar_only=True, project_dir=tmp_path,
+                                           model_name="m", save_every_n_iters=1, generate_progress_plots=False)
+    two, _ = fitting.fit_model(model, data, metadata, num_iters=2, ar_only=True)
+    np.testing.assert_array_equal(stopped["states"]["z"], two["states"]["z"])
+    np.testing.assert_array_equal(stopped["params"]["Ab"], two["params"]["Ab"])
+    loaded, _, _, iteration = fitting.load_checkpoint(tmp_path, "m")
+    assert iteration == 2
+    np.testing.assert_array_equal(loaded["states"]["z"], two["states"]["z"])
+
+
+def test_apply_model_and_marginals_defaults(formatted, tmp_path):
+    """Default results path {project_dir}/{model_name}/results.nc, save_results=False, return values."""
+    _, data, metadata = formatted
+    model = fitting.init_model(data, seed=0, **HYP)
+    results = fitting.apply_model(model, data, metadata, project_dir=tmp_path, model_name="m", num_iters=1)
+    assert isinstance(results, dict) and set(results) == {"rec0", "rec1"}  # return_model=False: results only
+    with xr.open_dataset(tmp_path / "m" / "results.nc") as ds:
+        assert list(ds["recording"].values) == ["rec0", "rec1"]
+    fitting.apply_model(model, data, metadata, project_dir=tmp_path, model_name="n", num_iters=1, save_results=False)
+    assert not (tmp_path / "n").exists()
+    marginals = fitting.estimate_syllable_marginals(model, data, metadata, burn_in_iters=1, num_samples=2,
+                                                    steps_per_sample=1)
+    assert set(marginals) == {"rec0", "rec1"} and marginals["rec1"].shape == (300, 8)  # no samples by default
+    np.testing.assert_allclose(marginals["rec1"].sum(axis=1), 1.0, atol=1e-9)
