@@ -58,7 +58,7 @@ def plan(quick: bool):
     rows = [(
         "synthetic 4x3000",
         lambda p: bench_data.write_synthetic(p, 4, 3000, seed=0),
-        dict(COMMON, n_ar_iter=50, n_iter=50 if quick else 200, n_apply_iter=20, marginals=marg),
+        dict(COMMON, n_ar_iter=30 if quick else 50, n_iter=30 if quick else 200, n_apply_iter=20, marginals=marg),
         lambda p: bench_data.write_synthetic(p, 2, 3000, seed=1),
         [0],
     )]
