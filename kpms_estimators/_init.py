@@ -142,43 +142,67 @@ class Emission(NamedTuple):
     n_pca_frames: int
 
 
-def fit_emission(
-    Yflat: np.ndarray, mask: np.ndarray, conf: np.ndarray, conf_threshold: float, latent_dim, max_frames: int = 1_000_000
-) -> Emission:
-    """PCA of the embedded poses, then whitened emission C = Cpca^T chol(Cov(u)), d = mean (spec 2.3-2.4).
+def fit_pca(Yflat: np.ndarray, mask: np.ndarray, conf, conf_threshold: float, exclude_low_confidence: bool = True,
+            max_frames: int = 1_000_000) -> PCA:
+    """scikit-learn ``PCA(random_state=42)`` of the embedded poses, all components kept (spec 2.3).
 
-    Frames used for PCA: mask > 0 and every keypoint's confidence above
-    ``conf_threshold``; if fewer than O' + 1 such frames exist, all mask > 0 frames
-    (with a warning). latent_dim=None keeps the fewest components explaining more
-    than 90% of the variance, capped at 10.
+    Frames used: mask > 0 and, when ``exclude_low_confidence`` and confidences are
+    given, every keypoint's confidence above ``conf_threshold``; if fewer than
+    O' + 1 such frames exist, all mask > 0 frames (with a warning). At most
+    ``max_frames`` frames, a seeded random subset (seed 42).
     """
     valid = mask > 0
-    flat_valid = Yflat[valid]
-    confident = valid & np.all(conf > conf_threshold, axis=-1)
+    rows = flat_valid = Yflat[valid]
     n_dim = Yflat.shape[-1]
-    rows = Yflat[confident]
+    if exclude_low_confidence and conf is not None:
+        rows = Yflat[valid & np.all(conf > conf_threshold, axis=-1)]
+        if len(rows) < n_dim + 1:
+            warnings.warn(
+                f"Only {len(rows)} frames have every keypoint above conf_threshold={conf_threshold}; "
+                f"fitting PCA on all {len(flat_valid)} frames instead.",
+                UserWarning,
+                stacklevel=3,
+            )
+            rows = flat_valid
     if len(rows) < n_dim + 1:
-        warnings.warn(
-            f"Only {len(rows)} frames have every keypoint above conf_threshold={conf_threshold}; "
-            f"fitting PCA on all {len(flat_valid)} frames instead.",
-            UserWarning,
-            stacklevel=3,
-        )
-        rows = flat_valid
+        raise ValueError(f"PCA needs at least {n_dim + 1} valid frames (keypoints x dims), got {len(rows)}.")
     if len(rows) > max_frames:
         rows = rows[np.random.default_rng(42).choice(len(rows), max_frames, replace=False)]
-    pca = PCA(random_state=42).fit(rows)
+    return PCA(random_state=42).fit(rows)
+
+
+def emission_from_pca(pca: PCA, Yflat: np.ndarray, mask: np.ndarray, latent_dim) -> Emission:
+    """Whitened emission C = Cpca^T chol(Cov(u)), d = PCA mean, u over all mask > 0 frames (spec 2.4).
+
+    latent_dim=None keeps the fewest components explaining more than 90% of the
+    variance, capped at 10.
+    """
+    n_dim = Yflat.shape[-1]
+    if getattr(pca, "components_", None) is None or pca.components_.shape[1] != n_dim:
+        found = getattr(pca, "components_", np.empty((0, 0))).shape
+        raise ValueError(f"the PCA does not fit these data: its components have shape {found}, the embedded "
+                         f"poses have {n_dim} features ((keypoints - 1) x dims); fit it on the same keypoints.")
     ratios = pca.explained_variance_ratio_
     if latent_dim is None:
         latent_dim = min(int(np.argmax(np.cumsum(ratios) > VARIANCE_EXPLAINED)) + 1, MAX_AUTO_LATENT_DIM)
         latent_dim = min(latent_dim, len(ratios))
+    if latent_dim > len(ratios):
+        raise ValueError(f"latent_dim={latent_dim} is more than the PCA's {len(ratios)} components.")
     components = pca.components_[:latent_dim]  # (P, O')
     mean = pca.mean_
-    scores = (flat_valid - mean) @ components.T
+    scores = (Yflat[mask > 0] - mean) @ components.T
     cov = np.atleast_2d(np.cov(scores, rowvar=False))
     whiten = np.linalg.cholesky(cov + 1e-12 * np.eye(latent_dim))
     C = components.T @ whiten
-    return Emission(np.concatenate([C, mean[:, None]], axis=1), int(latent_dim), ratios, len(rows))
+    return Emission(np.concatenate([C, mean[:, None]], axis=1), int(latent_dim), ratios, int(pca.n_samples_))
+
+
+def fit_emission(
+    Yflat: np.ndarray, mask: np.ndarray, conf: np.ndarray, conf_threshold: float, latent_dim, max_frames: int = 1_000_000
+) -> Emission:
+    """PCA of the embedded poses (:func:`fit_pca`), then the whitened emission (:func:`emission_from_pca`)."""
+    pca = fit_pca(Yflat, mask, conf, conf_threshold, True, max_frames)
+    return emission_from_pca(pca, Yflat, mask, latent_dim)
 
 
 def project(Yflat: np.ndarray, Cd: np.ndarray) -> np.ndarray:
