@@ -40,7 +40,7 @@ from ._estimators.keypoint_slds import KeypointSLDS, _step
 
 __all__ = [
     "format_data", "init_model", "fit_model", "apply_model", "estimate_syllable_marginals",
-    "update_hypparams", "load_checkpoint", "extract_results", "expected_marginal_likelihoods",
+    "update_hypparams", "load_checkpoint", "extract_results", "expected_marginal_likelihoods", "fit_pca",
 ]
 
 _ALLO_GAP = (
@@ -92,6 +92,44 @@ def format_data(coordinates, confidences=None, keys=None, seg_length=None, bodyp
     data = {"Y": Y, "conf": conf, "mask": batch.mask.astype(np.float64)}
     metadata = (np.asarray(recordings.names)[batch.keys], batch.bounds.copy())
     return data, metadata
+
+
+def fit_pca(Y, mask, anterior_idxs=None, posterior_idxs=None, conf=None, conf_threshold=0.5, verbose=False,
+            PCA_fitting_num_frames=1_000_000, exclude_outliers_for_pca=False, fix_heading=False, **kwargs):
+    """Fit the PCA of the aligned, embedded poses (spec 2.2-2.3); returns a fitted ``sklearn.decomposition.PCA``.
+
+    Called as ``fit_pca(**data, **config)`` on ``format_data``'s output, as in
+    keypoint-MoSeq's tutorial, and passed on with ``init_model(data, pca=pca, ...)``.
+    Points with ``conf < conf_threshold`` are interpolated before alignment;
+    ``exclude_outliers_for_pca=True`` also drops frames in which any keypoint is
+    below the threshold. ``anterior_idxs``/``posterior_idxs`` index the keypoints
+    of ``Y`` (default: the first and the last).
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    mask = np.asarray(mask)
+    if Y.ndim != 4 or mask.shape != Y.shape[:2]:
+        raise ValueError(f"fit_pca needs Y of shape (segments, T, K, D) and mask (segments, T); got {Y.shape} "
+                         f"and {mask.shape}.")
+    n_kp = Y.shape[2]
+    anterior = _keypoint_indices(anterior_idxs, n_kp, [0], "anterior_idxs")
+    posterior = _keypoint_indices(posterior_idxs, n_kp, [n_kp - 1], "posterior_idxs")
+    conf = None if conf is None else np.asarray(conf, dtype=np.float64)
+    Yi = Y if conf is None else _init.interpolate_low_confidence(Y, conf, conf_threshold, raw=Y)
+    h0, v0 = _init.heading_and_centroid(Yi, anterior, posterior, bool(fix_heading))
+    flat = _init.embed(Yi, h0, v0)
+    pca = _init.fit_pca(flat, mask, conf, conf_threshold, bool(exclude_outliers_for_pca), int(PCA_fitting_num_frames))
+    if verbose:
+        print(f"PCA fitted on {pca.n_samples_} frames; components explaining 90% of the variance: "
+              f"{int(np.argmax(np.cumsum(pca.explained_variance_ratio_) > 0.9)) + 1}")
+    return pca
+
+
+def _keypoint_indices(idxs, n_kp, default, name):
+    idxs = default if idxs is None else [int(i) for i in np.atleast_1d(np.asarray(idxs))]
+    bad = [i for i in idxs if not 0 <= i < n_kp]
+    if bad or not idxs:
+        raise ValueError(f"{name}={idxs} must be non-empty positions among the {n_kp} keypoints used.")
+    return idxs
 
 
 # --------------------------------------------------------------------------- model dict <-> estimator
