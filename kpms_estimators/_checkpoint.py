@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ._core import allo as _allo
 from ._core import arhmm as _arhmm
 from ._core import autoregressive as _autoregressive
 from ._core import keypoint_slds as _keypoint_slds
@@ -71,6 +72,10 @@ PYTREE_TYPES: dict[str, type] = {
     "KeypointState": _keypoint_slds.KeypointState,
     "KeypointParams": _keypoint_slds.KeypointParams,
     "KeypointHypers": _keypoint_slds.KeypointHypers,
+    "AlloState": _allo.AlloState,
+    "AlloParams": _allo.AlloParams,
+    "AlloHypers": _allo.AlloHypers,
+    "AlloPrior": _allo.AlloPrior,
 }
 
 # Meaningful dimension names of known state leaves (by last path component and ndim);
@@ -87,6 +92,10 @@ _LEAF_DIMS = {
     "Q": ("state", "latent_dim", "latent_dim_col"),
     "Cd": ("embedded_coordinate", "emission_column"),
     "sigmasq": ("keypoint",),
+    "delta_h": ("state",),
+    "sigmasq_h": ("state",),
+    "delta_v": ("state", "egocentric_axis"),
+    "sigmasq_v": ("state",),
 }
 
 

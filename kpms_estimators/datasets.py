@@ -119,6 +119,19 @@ def _body_template(n_keypoints: int, n_dims: int, length: float) -> np.ndarray:
     return pose - pose.mean(axis=0)
 
 
+def _allo_motion(rng, syllables, heading0, centroid0, truth):
+    """Heading and (x, y) centroid driven by the syllables (spec 5.1); heading wrapped to (-pi, pi]."""
+    n_frames = len(syllables)
+    k = syllables[1:]
+    turns = truth.heading_change[k] + np.sqrt(truth.heading_change_var[k]) * rng.normal(size=n_frames - 1)
+    heading = heading0 + np.concatenate([[0.0], np.cumsum(turns)])
+    steps = truth.velocity[k] + np.sqrt(truth.velocity_var[k])[:, None] * rng.normal(size=(n_frames - 1, 2))
+    cos, sin = np.cos(heading[:-1]), np.sin(heading[:-1])
+    world = np.stack([cos * steps[:, 0] - sin * steps[:, 1], sin * steps[:, 0] + cos * steps[:, 1]], axis=-1)
+    centroid = centroid0 + np.concatenate([np.zeros((1, 2)), np.cumsum(world, axis=0)])
+    return np.angle(np.exp(1j * heading)), centroid
+
+
 def simulate_keypoints(
     n_keypoints: int = 10,
     n_dims: int = 2,
@@ -136,8 +149,13 @@ def simulate_keypoints(
     noise_slope: float = -0.5,
     noise_intercept: float = 0.25,
     random_state=None,
+    location_aware: bool = False,
+    heading_change_scale: float = 0.1,
+    heading_noise: float = 0.02,
+    speed_scale: float = 1.0,
+    velocity_noise: float = 0.3,
 ) -> Bunch:
-    """Draw keypoint recordings from the keypoint SLDS (model spec 4.1).
+    """Draw keypoint recordings from the keypoint SLDS (model spec 4.1), or its location-aware variant (5.1).
 
     The latent pose x and the syllables come from :func:`simulate_arhmm`. The
     emission [C | d] maps x to an embedded pose around a mouse-like body template
@@ -147,6 +165,16 @@ def simulate_keypoints(
     (a draw within the model's support that looks like an animal). Confidences
     are Beta(8, 1.5) draws; the noise prior s0 follows from them as in spec 2.1,
     s_tk ~ ScaledInvChi2(nu_s, s0_tk), and y_tk ~ N(R(h_t) yhat_tk + v_t, s_tk I).
+
+    With ``location_aware=True`` the syllables also drive the motion (spec 5.1):
+    every state k gets a heading change ``delta_h[k] ~ U(-heading_change_scale,
+    heading_change_scale)`` rad/frame with standard deviation ``heading_noise``, and
+    an egocentric velocity ``delta_v[k] ~ N(0, speed_scale^2 I_2)`` per frame with
+    standard deviation ``velocity_noise`` per axis; for every frame t >= 1, with
+    k = z_t, h_t = h_{t-1} + N(delta_h[k], heading_noise^2) and
+    v_t[:2] = v_{t-1}[:2] + R(h_{t-1}) N(delta_v[k], velocity_noise^2 I_2). A 3D
+    height keeps the random walk with ``sigmasq_loc``. The draws for the other
+    arrays are unchanged (same seed, same recordings apart from h and v).
 
     Parameters
     ----------
@@ -167,15 +195,23 @@ def simulate_keypoints(
     sigmasq_loc, nu_s, noise_slope, noise_intercept : float
         Model hyperparameters used to draw v and s (spec 2.1, 2.6, 4.1).
     random_state : int, RandomState instance or None
+    location_aware : bool, default=False
+        Draw h and v from the location-aware model instead (see above).
+    heading_change_scale, heading_noise, speed_scale, velocity_noise : float
+        Scales of the location-aware parameters (radians and coordinate units per frame;
+        the noises are standard deviations). Used only with ``location_aware=True``.
 
     Returns
     -------
     Bunch with
         poses : xarray.Dataset per recording ``{"rec0": ...}`` in the movement layout
             (``position`` (time, space, keypoints), ``confidence`` (time, keypoints));
-        syllables, heading : dict of (n_frames,) arrays; centroid : dict of (n_frames, D);
-        latent : dict of (n_frames, latent_dim) arrays; keypoints : list of names;
-        Cd : ((K-1) * D, latent_dim + 1) emission; plus ``Ab``, ``Q``, ``pi`` of the AR-HMM.
+        syllables, heading : dict of (n_frames,) arrays (heading wrapped to (-pi, pi]);
+        centroid : dict of (n_frames, D); latent : dict of (n_frames, latent_dim) arrays;
+        keypoints : list of names; Cd : ((K-1) * D, latent_dim + 1) emission; plus ``Ab``,
+        ``Q``, ``pi`` of the AR-HMM. With ``location_aware=True`` also the true per-state
+        ``heading_change`` (S,), ``heading_change_var`` (S,), ``velocity`` (S, 2) and
+        ``velocity_var`` (S,) (variances per axis), indexed like the syllables.
     """
     if n_dims not in (2, 3) or n_keypoints < 2 or latent_dim > (n_keypoints - 1) * n_dims:
         raise ValueError(
@@ -194,6 +230,17 @@ def simulate_keypoints(
     space = ["x", "y", "z"][:n_dims]
     out = Bunch(poses={}, syllables={}, heading={}, centroid={}, latent={}, keypoints=names,
                 Cd=np.concatenate([C, d[:, None]], axis=1), Ab=arhmm.Ab, Q=arhmm.Q, pi=arhmm.pi)
+    if location_aware:
+        if min(heading_change_scale, heading_noise, speed_scale, velocity_noise) < 0:
+            raise ValueError(
+                "heading_change_scale, heading_noise, speed_scale and velocity_noise must be >= 0; got "
+                f"{heading_change_scale=}, {heading_noise=}, {speed_scale=}, {velocity_noise=}"
+            )
+        allo_rng = np.random.default_rng(seed + 2)
+        out.heading_change = allo_rng.uniform(-heading_change_scale, heading_change_scale, n_states)
+        out.heading_change_var = np.full(n_states, float(heading_noise) ** 2)
+        out.velocity = speed_scale * allo_rng.normal(size=(n_states, 2))
+        out.velocity_var = np.full(n_states, float(velocity_noise) ** 2)
     for r in range(n_recordings):
         rows = arhmm.sequence_ids == r
         x = arhmm.X[rows]
@@ -202,6 +249,8 @@ def simulate_keypoints(
         h = np.angle(np.exp(1j * (rng.uniform(-np.pi, np.pi) + np.cumsum(rng.normal(0, 0.05, n_frames)))))
         v = np.cumsum(rng.normal(0, np.sqrt(sigmasq_loc), (n_frames, n_dims)), axis=0)
         v[:, :2] += rng.uniform(-100, 100, 2)
+        if location_aware:
+            h, v[:, :2] = _allo_motion(allo_rng, arhmm.syllables[rows], h[0], v[0, :2], out)
         conf = rng.beta(8.0, 1.5, size=(n_frames, n_keypoints))
         s0 = 10.0 ** (2.0 * (noise_slope * np.log10(conf + 1e-6) + noise_intercept))
         s = nu_s * s0 / rng.chisquare(nu_s, size=s0.shape)

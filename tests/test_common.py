@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from kpms_estimators import ARHMM, KeypointSLDS
+from kpms_estimators import ARHMM, AlloKeypointSLDS, KeypointSLDS
 
 TEMPORAL_CONTEXT = (
     "a temporal model's output for a frame depends on its neighbours and their order in time, "
@@ -15,10 +15,13 @@ ESTIMATORS = [
     ARHMM(n_states=5, n_iter=2, random_state=0),
     # 2D path: X is (n_frames, n_keypoints * 2), keypoint-major
     KeypointSLDS(n_dims=2, n_states=5, n_ar_iter=1, n_iter=2, n_apply_iter=1, n_marginal_samples=1, random_state=0),
+    # no AR-only stage: one sweep type fewer to compile in every check that fits (tested in test_allo_*)
+    AlloKeypointSLDS(n_dims=2, n_states=5, n_ar_iter=0, n_iter=2, n_apply_iter=1, n_marginal_samples=1,
+                     random_state=0),
 ]
 
 
-#: Checks whose synthetic X has 2, 3 or 5 columns. A KeypointSLDS 2D X holds the
+#: Checks whose synthetic X has 2, 3 or 5 columns. A KeypointSLDS (or AlloKeypointSLDS) 2D X holds the
 #: n_keypoints x n_dims coordinates of at least 2 keypoints, so with n_dims=2 these
 #: inputs are rejected with a ValueError that names the column count. The contracts
 #: they test (fit returns self, parameters untouched, pickling, idempotent fit,

@@ -388,7 +388,7 @@ def _backward_sample(means, covs, steps: _Transitions, normals):
 
 
 def sample_heading_and_centroid(key, y, yhat, obs_var, mask, labels, delta_h, sigmasq_h, delta_v, sigmasq_v,
-                                lin_heading0):
+                                lin_heading0, pad_obs_var=PAD_OBS_VARIANCE):
     """Draw (h, v_xy) of one segment by extended Kalman filtering and backward sampling (spec 5.4).
 
     State u_t = (h_t, vx_t, vy_t), h unwrapped:
@@ -396,7 +396,7 @@ def sample_heading_and_centroid(key, y, yhat, obs_var, mask, labels, delta_h, si
     - u_0 ~ N((0, mean_k y_0k), 1e4 I_3);
     - u_{j+1} = u_j + mask_j (delta_h[k], R(h_j) delta_v[k]) + N(0, Q_j), k = labels[j], with
       Q_j = diag(sigmasq_h[k], sigmasq_v[k], sigmasq_v[k]), or 1e8 I_3 when frame j+1 is padding;
-    - y_tk ~ N(R(h_t) yhat_tk + v_t, obs_var_tk I_2), with ``PAD_OBS_VARIANCE`` on padded frames.
+    - y_tk ~ N(R(h_t) yhat_tk + v_t, obs_var_tk I_2), with ``pad_obs_var`` on padded frames.
 
     Each emission is linearised at the predicted mean and the dynamics at the
     filtered mean (Jacobians in closed form); backward sampling uses the linearised
@@ -416,13 +416,16 @@ def sample_heading_and_centroid(key, y, yhat, obs_var, mask, labels, delta_h, si
     labels : (T-1,) int, the state of transition j -> j+1 (z padded at the front)
     delta_h, sigmasq_h, sigmasq_v : (S,); delta_v : (S, 2)
     lin_heading0 : scalar
+    pad_obs_var : scalar, default ``PAD_OBS_VARIANCE`` (1e4)
+        Observation variance per coordinate on padded frames (the reference's 0.01
+        pins the padded states, spec 14 #16).
 
     Returns
     -------
     h : (T,) and v : (T, 2)
     """
     dtype = y.dtype
-    weight = jnp.where(mask[:, None] > 0, 1.0 / obs_var, 1.0 / PAD_OBS_VARIANCE).astype(dtype)
+    weight = jnp.where(mask[:, None] > 0, 1.0 / obs_var, 1.0 / pad_obs_var).astype(dtype)
     steps = _transitions(labels, mask, delta_h, sigmasq_h, delta_v, sigmasq_v)
     prior_mean = jnp.concatenate([jnp.zeros((1,), dtype), jnp.mean(y[0], axis=0)])
     means, covs = _ekf_filter(y, yhat, weight, steps, prior_mean, lin_heading0)
@@ -440,7 +443,7 @@ def sample_location(key, state: AlloState, data: kslds.KeypointData, hypers: All
     """(h, v) | x, z, s, params for every segment (spec 5.4); the height of 3D data by its random walk."""
     params = state.params
     k_xy, k_height = jax.random.split(key)
-    n_lags = num_lags(hypers.arhmm.ar)
+    n_lags = num_lags(params.ar)
     yhat = kp.aligned_prediction(state.x, params.Cd, data.Gamma)
     obs_var = state.s * params.sigmasq
     labels = transition_labels(state.z, n_lags)

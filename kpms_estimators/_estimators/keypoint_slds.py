@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,18 @@ _init_state = jax.jit(core.init_state, static_argnames=("num_states", "reference
 _init_given_params = jax.jit(core.init_states_given_params, static_argnames="reference_compat")
 _posterior_marginals = jax.jit(core.posterior_marginals)
 _predictive = jax.jit(core.predictive_log_likelihoods)
+
+
+class _Kernels(NamedTuple):
+    """The model's jitted core functions (module level, so nothing jitted is cached on an
+    estimator). A subclass for a variant of the model supplies its own."""
+
+    step: Callable  # (key, state, data, hypers, *, switches) -> (state, info)
+    init_state: Callable  # (key, x0, h0, v0, data, hypers, Cd, *, num_states, reference_compat)
+    init_given_params: Callable  # (key, x0, h0, v0, data, hypers, params, *, reference_compat)
+    posterior_marginals: Callable  # (state, data) -> (B, T-L, S)
+    predictive: Callable  # (state, data) -> (B, T-L)
+
 
 class KeypointSLDS(GibbsEstimator):
     """keypoint-MoSeq: a switching linear dynamical system on keypoints, fitted by Gibbs sampling.
@@ -133,6 +146,7 @@ class KeypointSLDS(GibbsEstimator):
     """
 
     _likelihood_terms = ("z", "x", "Y", "s", "v")
+    _kernels = _Kernels(_step, _init_state, _init_given_params, _posterior_marginals, _predictive)
 
     def __init__(
         self,
@@ -354,7 +368,7 @@ class KeypointSLDS(GibbsEstimator):
         # reference initialises with the config's kappa before the AR-only stage
         hypers = self._hypers(data, kappa=self.ar_kappa if self.n_ar_iter > 0 else None)
         x0 = _init.project(flat, emission.Cd)
-        return _init_state(
+        return self._kernels.init_state(
             key, jnp.asarray(x0), jnp.asarray(h0), jnp.asarray(v0), data, hypers, jnp.asarray(emission.Cd),
             num_states=int(self.n_states), reference_compat=bool(self.reference_compat),
         )
@@ -364,7 +378,7 @@ class KeypointSLDS(GibbsEstimator):
         h0, v0, flat = self._starting_pose(data)
         x0 = _init.project(flat, np.asarray(chain.params.Cd))
         params = jax.tree_util.tree_map(jnp.asarray, chain.params)
-        return _init_given_params(
+        return self._kernels.init_given_params(
             key, jnp.asarray(x0), jnp.asarray(h0), jnp.asarray(v0), data, hypers, params,
             reference_compat=bool(self.reference_compat),
         )
@@ -372,9 +386,9 @@ class KeypointSLDS(GibbsEstimator):
     def _schedule(self, first, data):
         stages = []
         if first and self.n_ar_iter > 0:
-            ar_only = functools.partial(_step, switches=self._switches(ar_only=True))
+            ar_only = functools.partial(self._kernels.step, switches=self._switches(ar_only=True))
             stages.append(("ar_only", int(self.n_ar_iter), ar_only, self._hypers(data, kappa=self.ar_kappa)))
-        full = functools.partial(_step, switches=self._switches())
+        full = functools.partial(self._kernels.step, switches=self._switches())
         stages.append(("full", int(self.n_iter), full, self._hypers(data)))
         return stages
 
@@ -408,7 +422,7 @@ class KeypointSLDS(GibbsEstimator):
                 state, n_burn = self._init_states(init_key, self.chain_state_, data), int(self.n_apply_iter)
             state, marginals = self._sample_states(key, state, data, hypers, n_burn, n_samples)
             state = jax.tree_util.tree_map(np.asarray, state)
-            log_pred = np.asarray(_predictive(state, data))
+            log_pred = np.asarray(self._kernels.predictive(state, data))
         return recordings, batch, state, marginals, log_pred
 
     def _sample_states(self, key, state, data, hypers, n_burn, n_samples, steps_per_sample=1):
@@ -418,13 +432,13 @@ class KeypointSLDS(GibbsEstimator):
         Returns the final state and the averaged marginals (B, T-L, S), or None
         when ``n_samples`` is 0.
         """
-        step = functools.partial(_step, switches=self._switches(states_only=True))
+        step = functools.partial(self._kernels.step, switches=self._switches(states_only=True))
         total = None
         for i in range(n_burn + n_samples * steps_per_sample):
             key, step_key = jax.random.split(key)
             state, _ = step(step_key, state, data, hypers)
             if i >= n_burn and (i - n_burn) % steps_per_sample == 0:
-                marg = _posterior_marginals(state, data)
+                marg = self._kernels.posterior_marginals(state, data)
                 total = marg if total is None else total + marg
         return state, (None if total is None else np.asarray(total) / n_samples)
 
