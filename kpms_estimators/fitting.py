@@ -198,12 +198,11 @@ def init_model(data=None, states=None, params=None, hypparams=None, noise_prior=
     ``hypparams`` (a dict of the four groups) overrides the group arguments.
     ``seed`` is an int or JAX key data. Passing ``params`` and ``hypparams`` (as
     ``apply_model`` does) skips the PCA and initialises states under those
-    parameters. A user-supplied ``pca`` is not supported: the PCA is fitted here.
+    parameters. ``pca``: a PCA from :func:`fit_pca` (or any fitted sklearn PCA on the same
+    embedded poses); by default one is fitted here on confident frames (spec 2.3).
     """
     if location_aware or allo_hypparams is not None:
         raise NotImplementedError(_ALLO_GAP)
-    if pca is not None:
-        raise NotImplementedError("init_model fits its own PCA (spec 2.3); passing pca= is not supported.")
     if data is None:
         raise ValueError("init_model needs the formatted data (from format_data).")
     if hypparams is not None:
@@ -232,7 +231,7 @@ def init_model(data=None, states=None, params=None, hypparams=None, noise_prior=
         else:
             if cen_hypparams and cen_hypparams.get("sigmasq_loc") is not None:
                 est.set_params(sigmasq_loc=cen_hypparams["sigmasq_loc"])
-            state = est._init_chain(init_key, cdata)
+            state = est._init_chain(init_key, cdata, pca=pca)
     return _to_model(est, state, key, cdata.s0)
 
 

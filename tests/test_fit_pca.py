@@ -56,3 +56,21 @@ def test_bad_input(formatted):
         fitting.fit_pca(**data, anterior_idxs=[12])
     with pytest.raises(ValueError, match="shape"):
         fitting.fit_pca(data["Y"][0], data["mask"])
+
+
+def test_init_model_uses_the_given_pca(formatted):
+    """init_model(pca=fit_pca(..., exclude_outliers_for_pca=True)) equals init_model's own PCA; another PCA changes Cd."""
+    data, _ = formatted
+    common = dict(anterior_idxs=[0], posterior_idxs=[9], ar_hypparams={"latent_dim": 3}, seed=0)
+    own = fitting.init_model(data, **common)
+    pca = fitting.fit_pca(**data, anterior_idxs=[0], posterior_idxs=[9], exclude_outliers_for_pca=True)
+    given = fitting.init_model(data, pca=pca, **common)
+    np.testing.assert_array_equal(own["params"]["Cd"], given["params"]["Cd"])
+    np.testing.assert_array_equal(own["states"]["z"], given["states"]["z"])
+    subset = fitting.fit_pca(**data, anterior_idxs=[0], posterior_idxs=[9], PCA_fitting_num_frames=60)
+    other = fitting.init_model(data, pca=subset, **common)
+    assert other["params"]["Cd"].shape == own["params"]["Cd"].shape
+    assert not np.allclose(other["params"]["Cd"], own["params"]["Cd"])
+    with pytest.raises(ValueError, match="features"):
+        fitting.init_model({k: v[:, :, :5] if k != "mask" else v for k, v in data.items()}, pca=pca,
+                           anterior_idxs=[0], posterior_idxs=[4])

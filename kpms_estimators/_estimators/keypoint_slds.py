@@ -353,11 +353,15 @@ class KeypointSLDS(GibbsEstimator):
         h0, v0 = _init.heading_and_centroid(Yi, self._anterior_, self._posterior_, bool(self.fix_heading))
         return h0, v0, _init.embed(Yi, h0, v0)
 
-    def _init_chain(self, key, data):
+    def _init_chain(self, key, data, pca=None):
+        """Initial chain state (spec 2); ``pca``: a fitted sklearn PCA to use instead of fitting one."""
         self._check_hyperparameters(data)
         h0, v0, flat = self._starting_pose(data)
         mask, conf = np.asarray(data.mask), np.asarray(data.conf)
-        emission = _init.fit_emission(flat, mask, conf, self.conf_threshold, self.latent_dim)
+        if pca is None:
+            emission = _init.fit_emission(flat, mask, conf, self.conf_threshold, self.latent_dim)
+        else:
+            emission = _init.emission_from_pca(pca, flat, mask, self.latent_dim)
         self.latent_dim_ = emission.latent_dim
         self.explained_variance_ratio_ = emission.explained_variance_ratio
         self.emission_ = emission.Cd
