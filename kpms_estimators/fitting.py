@@ -16,7 +16,8 @@ Differences from the reference, on purpose:
   labels are off by one).
 - Checkpoints are one netCDF4 file, ``{project_dir}/{model_name}/checkpoint.nc``
   (``kpms_estimators._checkpoint``), written atomically; no pickle.
-- ``location_aware=True`` needs the AlloKeypointSLDS model, not implemented yet.
+- ``location_aware=True`` fits the exact location-aware model (``AlloKeypointSLDS``,
+  spec 5), whose fitted allo parameters are kept on new data.
 """
 
 from __future__ import annotations
@@ -36,16 +37,21 @@ from ._core import arhmm as ar_core
 from ._core import keypoint_slds as core
 from ._core.keypoints import centring_embedding
 from ._estimators._base import float64
-from ._estimators.keypoint_slds import KeypointSLDS, _step
+from ._core import allo as allo_core
+from ._estimators.allo_keypoint_slds import AlloKeypointSLDS
+from ._estimators.keypoint_slds import KeypointSLDS
 
 __all__ = [
     "format_data", "init_model", "fit_model", "apply_model", "estimate_syllable_marginals",
     "update_hypparams", "load_checkpoint", "extract_results", "expected_marginal_likelihoods", "fit_pca",
 ]
 
-_ALLO_GAP = (
-    "location_aware=True needs the location-aware model (AlloKeypointSLDS), which is not implemented yet"
-)
+#: model name -> (estimator class, parameter pytree, state pytree)
+_MODELS = {
+    "KeypointSLDS": (KeypointSLDS, core.KeypointParams, core.KeypointState),
+    "AlloKeypointSLDS": (AlloKeypointSLDS, allo_core.AlloParams, allo_core.AlloState),
+}
+_ALLO_NAMES = ("alpha0_v", "beta0_v", "lambda0_v", "alpha0_h", "beta0_h", "lambda0_h")
 #: hypparams group -> {reference name: KeypointSLDS constructor argument}
 _HYPPARAM_NAMES = {
     "trans_hypparams": {"num_states": "n_states", "alpha": "alpha", "gamma": "gamma", "kappa": "kappa"},
@@ -54,6 +60,26 @@ _HYPPARAM_NAMES = {
     "cen_hypparams": {"sigmasq_loc": "sigmasq_loc"},
 }
 _STRUCTURAL = {"num_states", "latent_dim", "nlags"}
+
+
+def _hypparam_names(est) -> dict:
+    """The hyperparameter groups of this model (``allo_hypparams`` for the location-aware one)."""
+    if isinstance(est, AlloKeypointSLDS):
+        return {**_HYPPARAM_NAMES, "allo_hypparams": {n: n for n in _ALLO_NAMES}}
+    return _HYPPARAM_NAMES
+
+
+def _model_class(model: dict) -> str:
+    return model["estimator"].get("class", "KeypointSLDS")
+
+
+def _check_location_aware(model: dict, location_aware: bool, where: str) -> None:
+    aware = _model_class(model) == "AlloKeypointSLDS"
+    if bool(location_aware) != aware:
+        raise ValueError(
+            f"{where}(location_aware={bool(location_aware)}) was given a "
+            f"{'location-aware' if aware else 'non-location-aware'} model ({_model_class(model)}); pass "
+            f"location_aware={aware} (the value used in init_model).")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -155,7 +181,7 @@ def _core_data(est: KeypointSLDS, data) -> core.KeypointData:
 
 def _hypparams(est: KeypointSLDS) -> dict:
     params = est.get_params()
-    groups = {g: {ref: params[mine] for ref, mine in names.items()} for g, names in _HYPPARAM_NAMES.items()}
+    groups = {g: {ref: params[mine] for ref, mine in names.items()} for g, names in _hypparam_names(est).items()}
     groups["ar_hypparams"]["latent_dim"] = int(est.latent_dim_)
     groups["cen_hypparams"]["sigmasq_loc"] = float(est.sigmasq_loc_)
     return groups
@@ -170,7 +196,7 @@ def _to_model(est: KeypointSLDS, state, key, noise_prior) -> dict:
         "params": state.params._asdict(),
         "hypparams": _hypparams(est),
         "noise_prior": np.asarray(noise_prior),
-        "estimator": {"params": est.get_params(), "fitted": fitted,
+        "estimator": {"class": type(est).__name__, "params": est.get_params(), "fitted": fitted,
                       "history": {k: list(v) for k, v in getattr(est, "log_likelihood_terms_", {}).items()},
                       "stages": list(getattr(est, "stage_history_", []))},
     }
@@ -178,13 +204,14 @@ def _to_model(est: KeypointSLDS, state, key, noise_prior) -> dict:
 
 def _from_model(model: dict):
     """(estimator, chain state, key) from a model dict."""
-    est = KeypointSLDS(**model["estimator"]["params"])
+    cls, params_type, state_type = _MODELS[_model_class(model)]
+    est = cls(**model["estimator"]["params"])
     for name, value in model["estimator"]["fitted"].items():
         setattr(est, name, value)
     with float64():  # outside it, jnp.asarray would round float64 arrays to float32
-        params = core.KeypointParams(**{k: jnp.asarray(v) for k, v in model["params"].items()})
+        params = params_type(**{k: jnp.asarray(v) for k, v in model["params"].items()})
         states = {k: jnp.asarray(v) for k, v in model["states"].items()}
-    state = core.KeypointState(params, states["x"], states["z"], states["h"], states["v"], states["s"])
+    state = state_type(params, states["x"], states["z"], states["h"], states["v"], states["s"])
     return est, state, jax.random.wrap_key_data(np.asarray(model["seed"], dtype=np.uint32))
 
 
@@ -201,8 +228,8 @@ def init_model(data=None, states=None, params=None, hypparams=None, noise_prior=
     parameters. ``pca``: a PCA from :func:`fit_pca` (or any fitted sklearn PCA on the same
     embedded poses); by default one is fitted here on confident frames (spec 2.3).
     """
-    if location_aware or allo_hypparams is not None:
-        raise NotImplementedError(_ALLO_GAP)
+    if allo_hypparams is not None and not location_aware:
+        raise ValueError("allo_hypparams are for the location-aware model: pass location_aware=True as well.")
     if data is None:
         raise ValueError("init_model needs the formatted data (from format_data).")
     if hypparams is not None:
@@ -210,9 +237,17 @@ def init_model(data=None, states=None, params=None, hypparams=None, noise_prior=
         ar_hypparams = hypparams.get("ar_hypparams", ar_hypparams)
         obs_hypparams = hypparams.get("obs_hypparams", obs_hypparams)
         cen_hypparams = hypparams.get("cen_hypparams", cen_hypparams)
-    est = KeypointSLDS(**_estimator_kwargs(trans_hypparams, ar_hypparams, obs_hypparams, cen_hypparams,
-                                           error_estimator, conf_threshold, fix_heading),
-                       anterior_keypoints=anterior_idxs, posterior_keypoints=posterior_idxs, verbose=verbose)
+        allo_hypparams = hypparams.get("allo_hypparams", allo_hypparams)
+    cls = AlloKeypointSLDS if location_aware else KeypointSLDS
+    extra = {}
+    if location_aware:
+        unknown = sorted(set(allo_hypparams or {}) - set(_ALLO_NAMES))
+        if unknown:
+            raise ValueError(f"Unknown allo_hypparams {unknown}; known: {list(_ALLO_NAMES)}.")
+        extra = dict(allo_hypparams or {})
+    est = cls(**_estimator_kwargs(trans_hypparams, ar_hypparams, obs_hypparams, cen_hypparams,
+                                  error_estimator, conf_threshold, fix_heading),
+              **extra, anterior_keypoints=anterior_idxs, posterior_keypoints=posterior_idxs, verbose=verbose)
     n_kp = np.asarray(data["Y"]).shape[2]
     names = [f"kp{k}" for k in range(n_kp)]
     est._anterior_ = est._keypoint_positions(anterior_idxs, names, 0, "anterior")
@@ -225,8 +260,9 @@ def init_model(data=None, states=None, params=None, hypparams=None, noise_prior=
         if params is not None:
             est.latent_dim_ = int(np.asarray(params["Cd"]).shape[1] - 1)
             est.sigmasq_loc_ = float((cen_hypparams or {}).get("sigmasq_loc", 1.0))
-            state = core.KeypointState(core.KeypointParams(**{k: jnp.asarray(v) for k, v in params.items()}),
-                                       *([None] * 5))  # only the parameters are used
+            _, params_type, state_type = _MODELS[cls.__name__]
+            state = state_type(params_type(**{k: jnp.asarray(v) for k, v in params.items()}),
+                               *([None] * 5))  # only the parameters are used
             state = est._init_states(init_key, state, cdata)
         else:
             if cen_hypparams and cen_hypparams.get("sigmasq_loc") is not None:
@@ -241,7 +277,10 @@ def update_hypparams(model_dict: dict, **kwargs) -> dict:
     Unknown names and structural changes (num_states, latent_dim, nlags) raise
     and change nothing.
     """
-    owners = {ref: group for group, names in _HYPPARAM_NAMES.items() for ref in names}
+    groups = _HYPPARAM_NAMES
+    if _model_class(model_dict) == "AlloKeypointSLDS":
+        groups = {**groups, "allo_hypparams": {n: n for n in _ALLO_NAMES}}
+    owners = {ref: group for group, names in groups.items() for ref in names}
     for name, value in kwargs.items():
         if name not in owners:
             raise ValueError(f"Unknown hyperparameter {name!r}; known: {sorted(owners)}.")
@@ -252,7 +291,7 @@ def update_hypparams(model_dict: dict, **kwargs) -> dict:
             raise ValueError(f"{name} must be a scalar, got {value!r}.")
     for name, value in kwargs.items():
         model_dict["hypparams"][owners[name]][name] = value
-        model_dict["estimator"]["params"][_HYPPARAM_NAMES[owners[name]][name]] = value
+        model_dict["estimator"]["params"][groups[owners[name]][name]] = value
         if name == "sigmasq_loc":
             model_dict["estimator"]["fitted"]["sigmasq_loc_"] = float(value)
     return model_dict
@@ -289,8 +328,7 @@ def fit_model(model, data, metadata, project_dir=None, model_name=None, num_iter
     checkpoint, when there is one), and ``model["estimator"]["fitted"]["nan_stop_"]``
     describes the stop (None otherwise).
     """
-    if location_aware:
-        raise NotImplementedError(_ALLO_GAP)
+    _check_location_aware(model, location_aware, "fit_model")
     if num_iters < start_iter:
         raise ValueError(f"num_iters={num_iters} is less than start_iter={start_iter}.")
     if save_every_n_iters is not None and not isinstance(save_every_n_iters, (int, np.integer)):
@@ -315,7 +353,7 @@ def fit_model(model, data, metadata, project_dir=None, model_name=None, num_iter
         cdata = _core_data(est, data)
         hypers = est._hypers(cdata)
         stage = "ar_only" if ar_only else "full"
-        step = lambda k, s, d, h: _step(k, s, d, h, switches=est._switches(ar_only=ar_only))  # noqa: E731
+        step = lambda k, s, d, h: est._kernels.step(k, s, d, h, switches=est._switches(ar_only=ar_only))  # noqa: E731
         schedule = [(stage, int(num_iters - start_iter), step, hypers)]
         done, saved = [start_iter], [None]
 
@@ -379,7 +417,7 @@ def _save_snapshot(path, est, chain, key, history, stages, data, metadata, itera
     if not path.exists():
         keys, bounds = metadata
         _checkpoint.write_checkpoint(
-            path, model_name="KeypointSLDS", hyperparams=est.get_params(), fitted=fitted,
+            path, model_name=type(est).__name__, hyperparams=est.get_params(), fitted=fitted,
             snapshots={iteration: (chain, key_data)}, history=hist,
             data={k: np.asarray(v) for k, v in data.items()}, keys=np.asarray(keys), bounds=np.asarray(bounds),
         )
@@ -392,7 +430,10 @@ def load_checkpoint(project_dir=None, model_name=None, iteration=None, path=None
     path = Path(path) if path is not None else _checkpoint_path(project_dir, model_name)
     meta, state, key_data, history, iteration = _checkpoint.read_checkpoint(path, iteration)
     data, keys, bounds = _checkpoint.read_data(path)
-    est = KeypointSLDS(**meta["hyperparams"])
+    if meta["model"] not in _MODELS:
+        raise ValueError(f"{path} holds a {meta['model']!r} checkpoint, not one of fit_model's models "
+                         f"({', '.join(_MODELS)}); open it with that estimator's load().")
+    est = _MODELS[meta["model"]][0](**meta["hyperparams"])
     for name, value in meta["fitted"].items():
         setattr(est, name, value)
     stages = [str(s) for s in history.pop("stage", [])]
@@ -459,8 +500,7 @@ def apply_model(model, data, metadata, project_dir=None, model_name=None, num_it
     to ``results_path`` or ``{project_dir}/{model_name}/results.nc``; recordings
     already in that file are refused unless ``overwrite=True``.
     """
-    if location_aware:
-        raise NotImplementedError(_ALLO_GAP)
+    _check_location_aware(model, location_aware, "apply_model")
     if ar_only:
         raise NotImplementedError("apply_model(ar_only=True) is not supported yet.")
     est, state, _ = _apply_states(model, data, num_iters)
@@ -525,8 +565,7 @@ def estimate_syllable_marginals(model, data, metadata, burn_in_iters=200, num_sa
     fitted through the estimator or fit_model. ``return_samples`` also returns
     ``{name: (num_samples, T_r)}`` sampled syllables (the documented orientation).
     """
-    if location_aware:
-        raise NotImplementedError(_ALLO_GAP)
+    _check_location_aware(model, location_aware, "estimate_syllable_marginals")
     if not return_samples:
         est, state, marginals = _apply_states(model, data, burn_in_iters, num_samples, steps_per_sample)
         return _unbatch_marginals(est, model, metadata, marginals)

@@ -96,7 +96,7 @@ def test_apply_and_marginals(formatted, tmp_path):
     assert marg["rec0"].shape == (300, 8)
     np.testing.assert_allclose(marg["rec0"].sum(1), 1.0, atol=1e-9)
     assert samples["rec1"].shape == (3, 300)
-    with pytest.raises(NotImplementedError, match="AlloKeypointSLDS"):
+    with pytest.raises(ValueError, match="location_aware=False"):
         fitting.fit_model(model, data, metadata, location_aware=True)
 
 
@@ -280,7 +280,7 @@ def test_resume_from_an_earlier_snapshot(formatted, tmp_path):
 def test_interrupt_returns_the_last_complete_model(formatted, tmp_path, monkeypatch):
     _, data, metadata = formatted
     model = fitting.init_model(data, seed=2, **HYP)
-    real, calls = fitting._step, []
+    real, calls = KeypointSLDS._kernels.step, []
 
     def interrupt_third_sweep(key, chain, data, hypers, **kwargs):
         calls.append(key)
@@ -289,7 +289,7 @@ def test_interrupt_returns_the_last_complete_model(formatted, tmp_path, monkeypa
         return real(key, chain, data, hypers, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(fitting, "_step", interrupt_third_sweep)
+        patch.setattr(KeypointSLDS, "_kernels", KeypointSLDS._kernels._replace(step=interrupt_third_sweep))
         with pytest.warns(UserWarning, match="Interrupted: returning the model after 2 sweeps"):
             stopped, _ = fitting.fit_model(model, data, metadata, num_iters=5, ar_only=True, project_dir=tmp_path,
                                            model_name="m", save_every_n_iters=1, generate_progress_plots=False)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpms_estimators import ARHMM, fitting
+from kpms_estimators import ARHMM, KeypointSLDS, fitting
 from kpms_estimators.datasets import simulate_arhmm, simulate_keypoints
 
 AR_PARAMS = dict(n_states=5, n_iter=3, random_state=0)
@@ -120,9 +120,9 @@ def formatted():
 
 def fit_api(formatted, monkeypatch, bad, **kwargs):
     data, metadata, model = formatted
-    inject = InjectNaN(fitting._step, bad)
+    inject = InjectNaN(KeypointSLDS._kernels.step, bad)
     with monkeypatch.context() as patch:
-        patch.setattr(fitting, "_step", inject)
+        patch.setattr(KeypointSLDS, "_kernels", KeypointSLDS._kernels._replace(step=inject))
         out, _ = fitting.fit_model(model, data, metadata, ar_only=True, generate_progress_plots=False, **kwargs)
     return out, inject
 
