@@ -123,7 +123,11 @@ class KeypointSLDS(GibbsEstimator):
     n_iter_ : int
         Sweeps run so far, both stages.
     log_likelihood_terms_ : dict of str -> ndarray of shape (n_iter_,)
-        "z", "x", "Y", "s", "v" per sweep (spec 6).
+        "z", "x", "Y", "s", "v" per sweep (spec 6), plus "n_used" (syllables used) and
+        "nan_retries" (retries of a sweep that gave non-finite values).
+    nan_stop_ : dict or None
+        Set when a sweep stayed non-finite after its retries: iteration, stage,
+        retries, jitter and the non-finite arrays; the model is the last finite one.
     log_likelihood_history_ : ndarray of shape (n_iter_,)
         Their sum.
     stage_history_ : ndarray of str, shape (n_iter_,)
