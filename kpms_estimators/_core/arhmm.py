@@ -105,18 +105,32 @@ def init_state(key: jax.Array, data: ARHMMData, hypers: ARHMMHypers, num_states:
     return ARHMMState(params, z)
 
 
-def resample_params(key: jax.Array, state: ARHMMState, x: jax.Array, mask: jax.Array, hypers: ARHMMHypers) -> ARHMMParams:
-    """(beta, pi) then (Ab, Q) from their conditionals given the current z and x (spec 3.6)."""
-    k_trans, k_ar = jax.random.split(key)
-    params = state.params
-    num_states = params.betas.shape[0]
-    n_lags = num_lags(hypers.ar)
+def param_stats(z: jax.Array, x: jax.Array, mask: jax.Array, num_states: int, n_lags: int):
+    """What (beta, pi) and (Ab, Q) depend on: the flat transition ids (``transition_pairs``)
+    and the per-state regression statistics (``ar_sufficient_stats``)."""
     lmask = label_mask(mask, n_lags)
-    pairs = transition_pairs(state.z, lmask, num_states)
-    trans = resample_transitions(k_trans, params.trans, pairs, hypers.alpha, hypers.gamma, hypers.kappa)
-    stats = ar_sufficient_stats(x, state.z, mask, num_states, n_lags)
+    return transition_pairs(z, lmask, num_states), ar_sufficient_stats(x, z, mask, num_states, n_lags)
+
+
+def sample_params_given_stats(key: jax.Array, betas: jax.Array, pairs: jax.Array, stats, hypers: ARHMMHypers) -> ARHMMParams:
+    """(beta, pi) then (Ab, Q) from their conditionals given ``param_stats`` (spec 3.6).
+
+    ``betas`` are the current global weights (the table counts depend on them). With
+    every pair masked and zero statistics this is a draw from the prior (spec 2.5.3-4):
+    no tables, beta ~ Dir(gamma/S), pi_j ~ Dir(alpha beta + kappa e_j), (Ab, Q) ~ MNIW_0.
+    """
+    k_trans, k_ar = jax.random.split(key)
+    current = TransitionParams(betas, jnp.zeros((betas.shape[0],) * 2, betas.dtype))
+    trans = resample_transitions(k_trans, current, pairs, hypers.alpha, hypers.gamma, hypers.kappa)
     ar = sample_ar_params(k_ar, stats, hypers.ar)
     return ARHMMParams(trans.betas, trans.pi, ar.Ab, ar.Q)
+
+
+def resample_params(key: jax.Array, state: ARHMMState, x: jax.Array, mask: jax.Array, hypers: ARHMMHypers) -> ARHMMParams:
+    """(beta, pi) then (Ab, Q) from their conditionals given the current z and x (spec 3.6)."""
+    num_states = state.params.betas.shape[0]
+    pairs, stats = param_stats(state.z, x, mask, num_states, num_lags(hypers.ar))
+    return sample_params_given_stats(key, state.params.betas, pairs, stats, hypers)
 
 
 def gibbs_step(

@@ -7,7 +7,7 @@ centroid v, local noise scales s and the global scales sigmasq.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,8 @@ from . import keypoints as kp
 from .autoregressive import ARParams, ar_path_log_likelihoods, num_lags
 
 #: Incremented each time a sweep is traced (tests assert one trace per shape).
-TRACE_COUNTS = {"keypoint_slds.gibbs_step": 0}
+TRACE_COUNTS = {"keypoint_slds.gibbs_step": 0, "keypoint_slds.sample_labels": 0, "keypoint_slds.sample_emission": 0,
+                "keypoint_slds.param_stats": 0}
 
 
 class KeypointHypers(NamedTuple):
@@ -118,6 +119,80 @@ def log_likelihood_terms(state: KeypointState, data: KeypointData, hypers: Keypo
     return terms
 
 
+def param_stats(state: KeypointState, data: KeypointData, hypers: KeypointHypers):
+    """(transition ids, AR statistics) of the current z and x: what the parameter draw needs."""
+    TRACE_COUNTS["keypoint_slds.param_stats"] += 1
+    return arhmm.param_stats(state.z, state.x, data.mask, state.params.betas.shape[0], num_lags(hypers.arhmm.ar))
+
+
+def sample_labels(key, state: KeypointState, data: KeypointData) -> jax.Array:
+    """z | x, params by FFBS per segment (spec 3.5)."""
+    TRACE_COUNTS["keypoint_slds.sample_labels"] += 1
+    log_likes = arhmm.masked_log_likes(arhmm.ARHMMData(state.x, data.mask), state.params.ar)
+    return arhmm.sample_z(key, log_likes, state.params.pi)[0]
+
+
+def emission_switches(switches: Switches) -> Switches:
+    """The switches the emission part depends on, so that fitting and applying share one compiled program
+    (a states-only sweep differs from a full one only by not resampling sigmasq)."""
+    resample_sigmasq = switches.resample_global_noise_scale and not switches.states_only
+    return switches._replace(ar_only=False, states_only=False, resample_global_noise_scale=resample_sigmasq)
+
+
+def sample_emission(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, switches: Switches):
+    """Steps 3-7 of a sweep: sigmasq (if resample_global_noise_scale), x, h (unless fix_heading), v, s."""
+    TRACE_COUNTS["keypoint_slds.sample_emission"] += 1
+    k_sigma, k_x, k_h, k_v, k_s = jax.random.split(key, 5)
+    params = state.params
+    dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
+    if switches.resample_global_noise_scale:
+        errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
+        sigmasq = kp.sample_global_scales(k_sigma, errors, state.s, data.mask, hypers.nu_sigma, hypers.sigmasq_0, dof)
+        state = state._replace(params=params._replace(sigmasq=sigmasq))
+    state = state._replace(x=sample_x(k_x, state, data, hypers, switches.parallel_message_passing))
+    if not switches.fix_heading:
+        h = kp.sample_heading(k_h, data.Y, state.x, state.v, state.s, state.params.sigmasq, params.Cd, data.Gamma)
+        state = state._replace(h=h)
+    state = state._replace(v=sample_v(k_v, state, data, hypers, switches.parallel_message_passing))
+    errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
+    return state._replace(s=kp.sample_local_scales(k_s, errors, data.s0, state.params.sigmasq, hypers.nu_s, dof))
+
+
+def sweep_info(state: KeypointState, data: KeypointData, hypers: KeypointHypers) -> dict:
+    """The per-term log-likelihoods of a state (spec 6) and the number of states used."""
+    info = log_likelihood_terms(state, data, hypers)
+    lmask = arhmm.label_mask(data.mask, num_lags(hypers.arhmm.ar))
+    info["n_used"] = arhmm.num_states_used(state.z, lmask, state.params.betas.shape[0])
+    return info
+
+
+class SweepParts(NamedTuple):
+    """The pieces a sweep and the initialisation are made of. ``PARTS`` holds the plain
+    functions; the estimator passes separately compiled ones, so that the AR-only and the
+    full sweep, the initialisation and the states-only sweeps of ``apply`` share compiled
+    programs instead of each compiling the whole (design: compile once per shape)."""
+
+    param_stats: Callable  # (state, data, hypers) -> (pairs, stats)
+    params_given_stats: Callable  # (key, betas, pairs, stats, arhmm hypers) -> ARHMMParams
+    labels: Callable  # (key, state, data) -> z
+    emission: Callable  # (key, state, data, hypers, switches) -> state
+    info: Callable  # (state, data, hypers) -> dict
+    noise_scales: Callable  # (key, state, data, hypers, reference_compat) -> state
+
+
+def sweep(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, switches: Switches, parts):
+    """One sweep in the order of spec 4.7 from ``parts`` (see ``gibbs_step``)."""
+    k_params, k_z, k_emission = jax.random.split(key, 3)
+    if not switches.states_only:
+        pairs, stats = parts.param_stats(state, data, hypers)
+        ar = parts.params_given_stats(k_params, state.params.betas, pairs, stats, hypers.arhmm)
+        state = state._replace(params=_with_ar(state.params, ar))
+    state = state._replace(z=parts.labels(k_z, state, data))
+    if not switches.ar_only:
+        state = parts.emission(k_emission, state, data, hypers, switches=emission_switches(switches))
+    return state, parts.info(state, data, hypers)
+
+
 def gibbs_step(
     key: jax.Array, state: KeypointState, data: KeypointData, hypers: KeypointHypers, switches: Switches
 ) -> tuple[KeypointState, dict]:
@@ -130,33 +205,7 @@ def gibbs_step(
     states used.
     """
     TRACE_COUNTS["keypoint_slds.gibbs_step"] += 1
-    k_params, k_z, k_sigma, k_x, k_h, k_v, k_s = jax.random.split(key, 7)
-    n_lags = num_lags(hypers.arhmm.ar)
-    lmask = arhmm.label_mask(data.mask, n_lags)
-    ar_state = arhmm.ARHMMState(state.params.ar, state.z)
-    params = state.params
-    if not switches.states_only:
-        params = _with_ar(params, arhmm.resample_params(k_params, ar_state, state.x, data.mask, hypers.arhmm))
-    log_likes = arhmm.masked_log_likes(arhmm.ARHMMData(state.x, data.mask), params.ar)
-    z, _ = arhmm.sample_z(k_z, log_likes, params.pi)
-    state = state._replace(params=params, z=z)
-    if not switches.ar_only:
-        dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
-        if switches.resample_global_noise_scale and not switches.states_only:
-            errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
-            sigmasq = kp.sample_global_scales(k_sigma, errors, state.s, data.mask, hypers.nu_sigma, hypers.sigmasq_0, dof)
-            state = state._replace(params=params._replace(sigmasq=sigmasq))
-        state = state._replace(x=sample_x(k_x, state, data, hypers, switches.parallel_message_passing))
-        if not switches.fix_heading:
-            h = kp.sample_heading(k_h, data.Y, state.x, state.v, state.s, state.params.sigmasq, params.Cd, data.Gamma)
-            state = state._replace(h=h)
-        state = state._replace(v=sample_v(k_v, state, data, hypers, switches.parallel_message_passing))
-        errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
-        s = kp.sample_local_scales(k_s, errors, data.s0, state.params.sigmasq, hypers.nu_s, dof)
-        state = state._replace(s=s)
-    info = log_likelihood_terms(state, data, hypers)
-    info["n_used"] = arhmm.num_states_used(state.z, lmask, params.betas.shape[0])
-    return state, info
+    return sweep(key, state, data, hypers, switches, PARTS)
 
 
 def resample_noise_scales(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, reference_compat: bool):
@@ -168,27 +217,52 @@ def resample_noise_scales(key, state: KeypointState, data: KeypointData, hypers:
 
 
 def init_state(
-    key, x0, h0, v0, data: KeypointData, hypers: KeypointHypers, Cd, num_states: int, reference_compat: bool
+    key, x0, h0, v0, data: KeypointData, hypers: KeypointHypers, Cd, num_states: int, reference_compat: bool,
+    parts=None,
 ) -> KeypointState:
-    """Transitions and AR from the prior, z by FFBS given x0, sigmasq = 1, then s (spec 2.5)."""
-    k_ar, k_s = jax.random.split(key)
-    ar = arhmm.init_state(k_ar, arhmm.ARHMMData(x0, data.mask), hypers.arhmm, num_states)
-    sigmasq = jnp.ones(data.Y.shape[-2], data.Y.dtype)
-    p = ar.params
-    params = KeypointParams(p.betas, p.pi, p.Ab, p.Q, Cd, sigmasq)
-    state = KeypointState(params, x0, ar.z, h0, v0, jnp.ones_like(data.s0))
-    return resample_noise_scales(k_s, state, data, hypers, reference_compat)
+    """Transitions and AR from the prior, z by FFBS given x0, sigmasq = 1, then s (spec 2.5).
+
+    The prior draw is the parameter conditional given no data (every transition
+    masked, zero statistics), so it runs the sweep's compiled program; pi is then
+    smoothed with float32's tiny as the reference's initialisation does.
+    """
+    parts = PARTS if parts is None else parts
+    k_ar, k_z, k_s = jax.random.split(key, 3)
+    dtype = data.Y.dtype
+    n_lags = num_lags(hypers.arhmm.ar)
+    betas = jnp.full((num_states,), 1.0 / num_states, dtype)
+    sigmasq = jnp.ones(data.Y.shape[-2], dtype)
+    z = jnp.zeros(data.mask[:, n_lags:].shape, jnp.int32)
+    ar_shape = arhmm.ARHMMParams(betas, jnp.eye(num_states, dtype=dtype), *_ar_prior_shapes(hypers, num_states, dtype))
+    params = KeypointParams(*ar_shape, Cd, sigmasq)
+    state = KeypointState(params, x0, z, h0, v0, jnp.ones_like(data.s0))
+    pairs, stats = parts.param_stats(state, data._replace(mask=jnp.zeros_like(data.mask)), hypers)
+    ar = parts.params_given_stats(k_ar, betas, pairs, stats, hypers.arhmm)
+    pi = ar.pi + jnp.finfo(jnp.float32).tiny
+    # floor after normalising: in float32, tiny / rowsum rounds to a (flushed) subnormal
+    pi = jnp.maximum(pi / jnp.sum(pi, axis=-1, keepdims=True), jnp.finfo(dtype).tiny)
+    state = state._replace(params=_with_ar(params, ar._replace(pi=pi)))
+    state = state._replace(z=parts.labels(k_z, state, data))
+    return parts.noise_scales(k_s, state, data, hypers, reference_compat=reference_compat)
+
+
+def _ar_prior_shapes(hypers: KeypointHypers, num_states: int, dtype):
+    """Placeholder (Ab, Q) of the right shapes (S, P, L*P + 1), (S, P, P) for the prior draw."""
+    prior = hypers.arhmm.ar
+    return (jnp.zeros((num_states,) + prior.M_0.shape, dtype), jnp.zeros((num_states,) + prior.S_0.shape, dtype))
 
 
 def init_states_given_params(
-    key, x0, h0, v0, data: KeypointData, hypers: KeypointHypers, params: KeypointParams, reference_compat: bool
+    key, x0, h0, v0, data: KeypointData, hypers: KeypointHypers, params: KeypointParams, reference_compat: bool,
+    parts=None,
 ) -> KeypointState:
     """States for new data under fitted parameters: z by FFBS given x0, then s (spec 7 step 1)."""
+    parts = PARTS if parts is None else parts
     k_z, k_s = jax.random.split(key)
-    log_likes = arhmm.masked_log_likes(arhmm.ARHMMData(x0, data.mask), params.ar)
-    z, _ = arhmm.sample_z(k_z, log_likes, params.pi)
+    z = jnp.zeros(data.mask[:, num_lags(params.ar) :].shape, jnp.int32)
     state = KeypointState(params, x0, z, h0, v0, jnp.ones_like(data.s0))
-    return resample_noise_scales(k_s, state, data, hypers, reference_compat)
+    state = state._replace(z=parts.labels(k_z, state, data))
+    return parts.noise_scales(k_s, state, data, hypers, reference_compat=reference_compat)
 
 
 def posterior_marginals(state: KeypointState, data: KeypointData) -> jax.Array:
@@ -199,3 +273,7 @@ def posterior_marginals(state: KeypointState, data: KeypointData) -> jax.Array:
 def predictive_log_likelihoods(state: KeypointState, data: KeypointData) -> jax.Array:
     """log p(x_t | x_{<t}) per labelled frame with z summed out (spec 9's quantity): (B, T-L)."""
     return arhmm.predictive_log_likelihoods(arhmm.ARHMMData(state.x, data.mask), state.params.ar)
+
+
+PARTS = SweepParts(param_stats, arhmm.sample_params_given_stats, sample_labels, sample_emission, sweep_info,
+                   resample_noise_scales)

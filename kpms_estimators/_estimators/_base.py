@@ -25,6 +25,7 @@ the fitted one and ``nan_stop_`` describes the stop (model spec 11, 12.2).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from contextlib import contextmanager
@@ -54,6 +55,38 @@ def float64():
     """
     with jax.enable_x64(True):
         yield
+
+
+#: XLA options per backend for the sampler's programs. On the CPU, LLVM optimisation level 1
+#: without its expensive passes compiles the full keypoint sweep in 9.3 s instead of 14.8 s
+#: with steady sweeps no slower (0.23 vs 0.28 s; 4 x 3000 frames, 100 states; measured with
+#: ``jax.jit(...).lower(...).compile(compiler_options=...)``, see benchmarks/README.md).
+#: Other backends keep XLA's defaults.
+COMPILER_OPTIONS = {
+    "cpu": {"xla_backend_optimization_level": 1, "xla_llvm_disable_expensive_passes": True},
+}
+
+
+def compiled(fun, **jit_kwargs):
+    """``jax.jit(fun, **jit_kwargs)`` with the ``COMPILER_OPTIONS`` of the default backend.
+
+    The backend is looked up at the first call (not at import), so importing the
+    package never initialises JAX's backends and the same code runs on a GPU.
+    """
+    jitted = {}
+
+    def for_backend():
+        backend = jax.default_backend()
+        if backend not in jitted:
+            jitted[backend] = jax.jit(fun, compiler_options=COMPILER_OPTIONS.get(backend), **jit_kwargs)
+        return jitted[backend]
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        return for_backend()(*args, **kwargs)
+
+    call.lower = lambda *args, **kwargs: for_backend().lower(*args, **kwargs)
+    return call
 
 
 def _to_numpy(tree):
