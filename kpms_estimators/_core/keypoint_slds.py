@@ -21,6 +21,10 @@ TRACE_COUNTS = {"keypoint_slds.gibbs_step": 0, "keypoint_slds.sample_labels": 0,
                 "keypoint_slds.param_stats": 0}
 
 
+#: Segments sampled together by the serial latent-pose Kalman sampler (``sample_x``).
+KALMAN_SEGMENT_CHUNK = 4
+
+
 class KeypointHypers(NamedTuple):
     arhmm: arhmm.ARHMMHypers
     nu_s: jax.Array
@@ -88,8 +92,12 @@ def sample_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHype
     def one(k, y, r, m, z):
         return kalman.sample_latent_x(k, y, r, m, z, params.Ab, params.Q, Ctil, dtil, hypers.jitter, parallel)
 
-    x, _ = jax.vmap(one)(keys, ytil, obs_var, data.mask, state.z)
-    return x
+    args = (keys, ytil, obs_var, data.mask, state.z)
+    if parallel:
+        return jax.vmap(one)(*args)[0]
+    # serial sampler: segments in chunks, so that the per-step filter arrays stay in cache
+    # and the cost per frame does not grow with the number of segments (spec 12.4)
+    return jax.lax.map(lambda a: one(*a)[0], args, batch_size=KALMAN_SEGMENT_CHUNK)
 
 
 def sample_v(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, parallel: bool):
