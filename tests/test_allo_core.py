@@ -21,15 +21,6 @@ from kpms_estimators._core.keypoints import wrap_angle
 NUM_SE = 5.0  # Monte Carlo tolerance, in standard errors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_compiled_programs():
-    """Free this module's compiled XLA programs when it is done. Each XLA:CPU executable holds memory
-    maps (a keypoint-model fit and predict: ~6000), and a whole-suite process otherwise runs into
-    vm.max_map_count (65530) and segfaults in a later compilation."""
-    yield
-    jax.clear_caches()
-
-
 @pytest.fixture(autouse=True)
 def _float64():
     with jax.enable_x64(True):

@@ -22,15 +22,6 @@ PARAMS = dict(n_states=20, latent_dim=4, n_ar_iter=20, n_iter=40, n_apply_iter=3
               anterior_keypoints=["nose"], posterior_keypoints=["tail_base"], random_state=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_compiled_programs():
-    """Free this module's compiled XLA programs when it is done. Each XLA:CPU executable holds memory
-    maps (a keypoint-model fit and predict: ~6000), and a whole-suite process otherwise runs into
-    vm.max_map_count (65530) and segfaults in a later compilation."""
-    yield
-    jax.clear_caches()
-
-
 @pytest.fixture(scope="module")
 def sim():
     return simulate_keypoints(**SIM, random_state=0)
