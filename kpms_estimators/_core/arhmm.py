@@ -60,10 +60,11 @@ def label_mask(mask: jax.Array, n_lags: int) -> jax.Array:
     return mask[:, n_lags:]
 
 
-def masked_log_likes(data: ARHMMData, params: ARHMMParams) -> jax.Array:
-    """Per-frame, per-state AR log-likelihoods, zero on padded frames: (B, T-L, S)."""
+def masked_log_likes(data: ARHMMData, params: ARHMMParams, residual_dtype=None) -> jax.Array:
+    """Per-frame, per-state AR log-likelihoods, zero on padded frames: (B, T-L, S)
+    (``residual_dtype``: see ``ar_log_likelihoods``)."""
     n_lags = num_lags(params.ar)
-    ll = ar_log_likelihoods(data.x, params.ar)
+    ll = ar_log_likelihoods(data.x, params.ar, residual_dtype)
     return ll * label_mask(data.mask, n_lags)[..., None].astype(ll.dtype)
 
 

@@ -54,10 +54,14 @@ def lagged_features(x: jax.Array, n_lags: int) -> jax.Array:
     return jnp.concatenate(lags + [ones], axis=-1)
 
 
-def ar_log_likelihoods(x: jax.Array, params: ARParams) -> jax.Array:
+def ar_log_likelihoods(x: jax.Array, params: ARParams, residual_dtype=None) -> jax.Array:
     """log N(x_t | A_k xbar_t + b_k, Q_k) for every frame t >= L and state k.
 
-    x: (..., T, P). Returns (..., T-L, S). Not masked.
+    x: (..., T, P). Returns (..., T-L, S) in x's dtype. Not masked. ``residual_dtype``
+    (e.g. float32): compute the whitened residuals and their squared norms, the
+    O(S F P (A+1)) part, in that dtype; the factors and log-determinants stay in x's.
+    Converting back only after the sum matters: XLA may otherwise keep the product in
+    the wider type (excess precision allowed) and nothing is gained.
     """
     latent_dim = x.shape[-1]
     num_states = params.Ab.shape[0]
@@ -69,10 +73,13 @@ def ar_log_likelihoods(x: jax.Array, params: ARParams) -> jax.Array:
     # whitened residual L_k^{-1} (x_t - Ab_k xbar_t) as ONE matmul with [L^-1 | -L^-1 Ab]
     whiten = jnp.concatenate([chol_inv, -(chol_inv @ params.Ab)], axis=-1)  # (S, P, F)
     whiten = jnp.swapaxes(whiten, 0, 1).reshape(latent_dim * num_states, -1)  # rows (p, s)
+    if residual_dtype is not None:
+        joint, whiten = joint.astype(residual_dtype), whiten.astype(residual_dtype)
     resid = (joint @ whiten.T).reshape(joint.shape[:-1] + (latent_dim, num_states))
+    sq_norm = jnp.sum(resid**2, axis=-2).astype(x.dtype)
     half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)  # (S,)
     return (
-        -0.5 * jnp.sum(resid**2, axis=-2)
+        -0.5 * sq_norm
         - half_logdet
         - 0.5 * latent_dim * jnp.log(2 * jnp.pi).astype(x.dtype)
     )
