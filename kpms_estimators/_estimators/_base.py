@@ -67,6 +67,30 @@ COMPILER_OPTIONS = {
 }
 
 
+def _malloc_trim():
+    """glibc's ``malloc_trim`` or None (other C libraries, other systems)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Give the heap that compilation freed back to the operating system (glibc only; else a no-op).
+
+    Compiling one of the sampler's larger programs leaves ~0.3 GB of freed but unreturned
+    heap behind (measured: 0.92 -> 0.63 GB resident after ``malloc_trim``), so without this
+    every compile adds to the process's peak memory instead of reusing it.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def compiled(fun, **jit_kwargs):
     """``jax.jit(fun, **jit_kwargs)`` with the ``COMPILER_OPTIONS`` of the default backend.
 
@@ -83,7 +107,13 @@ def compiled(fun, **jit_kwargs):
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        return for_backend()(*args, **kwargs)
+        jitted_fun = for_backend()
+        cache_size = getattr(jitted_fun, "_cache_size", None)  # private in jax: used only when present
+        n_compiled = cache_size() if cache_size else None
+        out = jitted_fun(*args, **kwargs)
+        if cache_size and cache_size() != n_compiled:  # this call compiled a new program
+            release_free_heap()
+        return out
 
     call.lower = lambda *args, **kwargs: for_backend().lower(*args, **kwargs)
     return call
