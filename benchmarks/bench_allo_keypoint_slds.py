@@ -17,7 +17,6 @@ The persistent compilation cache is disabled.
 from __future__ import annotations
 
 import argparse
-import functools
 import resource
 import time
 
@@ -28,25 +27,16 @@ jax.config.update("jax_enable_compilation_cache", False)
 import numpy as np  # noqa: E402
 from _report import report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+import bench_keypoint_slds  # noqa: E402  (same folder)
+
 from kpms_estimators import AlloKeypointSLDS  # noqa: E402
 from kpms_estimators._estimators._base import float64  # noqa: E402
 from kpms_estimators.datasets import simulate_keypoints  # noqa: E402
 
 
 def _time_stage(state, data, hypers, switches, repeats):
-    """Compile time and median steady time of one sweep (as in bench_keypoint_slds.py, with this model's step)."""
-    step = functools.partial(AlloKeypointSLDS._kernels.step, switches=switches)
-    start = time.perf_counter()
-    compiled = jax.jit(step).lower(jax.random.key(1), state, data, hypers).compile()
-    compile_s = time.perf_counter() - start
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        state, info = compiled(jax.random.key(10 + i), state, data, hypers)
-        jax.block_until_ready((state, info))
-        times.append(time.perf_counter() - start)
-    finite = all(np.isfinite(float(v)) for v in info.values())
-    return state, compile_s, float(np.median(times[1:])), finite
+    """Compile and median steady time of one sweep, as bench_keypoint_slds.py times them, with this model's step."""
+    return bench_keypoint_slds._time_stage(state, data, hypers, switches, repeats, step=AlloKeypointSLDS._kernels.step)
 
 
 def main() -> None:

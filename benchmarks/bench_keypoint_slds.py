@@ -30,13 +30,13 @@ from kpms_estimators._estimators.keypoint_slds import _step  # noqa: E402
 from kpms_estimators.datasets import simulate_keypoints  # noqa: E402
 
 
-def _time_stage(state, data, hypers, switches, repeats):
+def _time_stage(state, data, hypers, switches, repeats, step=_step):
     """(state, compile seconds = first sweep - steady sweep, steady seconds per sweep, all finite).
 
     The sweep runs as the estimator runs it: separately compiled parts shared between
     stages, so a stage's compile time is what it adds to what earlier stages compiled.
     """
-    step = functools.partial(_step, switches=switches)
+    step = functools.partial(step, switches=switches)
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from .._core import allo
+from ._base import compiled
 from .keypoint_slds import KeypointSLDS, _Kernels
 
+# one program per sweep (the shared parts of KeypointSLDS are not split out here yet), with the
+# same compiler options and heap release as KeypointSLDS's parts
 _KERNELS = _Kernels(
-    step=jax.jit(allo.gibbs_step, static_argnames="switches"),
-    init_state=jax.jit(allo.init_state, static_argnames=("num_states", "reference_compat")),
-    init_given_params=jax.jit(allo.init_states_given_params, static_argnames="reference_compat"),
-    posterior_marginals=jax.jit(allo.posterior_marginals),
-    predictive=jax.jit(allo.predictive_log_likelihoods),
+    step=compiled(allo.gibbs_step, static_argnames="switches"),
+    init_state=compiled(allo.init_state, static_argnames=("num_states", "reference_compat")),
+    init_given_params=compiled(allo.init_states_given_params, static_argnames="reference_compat"),
+    posterior_marginals=compiled(allo.posterior_marginals),
+    predictive=compiled(allo.predictive_log_likelihoods),
 )
 
 _ALLO_PRIOR = ("alpha0_h", "beta0_h", "lambda0_h", "alpha0_v", "beta0_v", "lambda0_v")
