@@ -2,6 +2,7 @@
 
     python benchmarks/compare_reference.py --quick          # < 10 min on 2 cores
     python benchmarks/compare_reference.py                  # full: adds 10 x 18000 frames and B-SOiD
+    python benchmarks/compare_reference.py --rows 10x18000  # only the datasets whose name contains this
 
 The reference (keypoint-moseq 0.8.1 on jax/jaxlib 0.6.2, float64) is installed on
 first use into ``benchmarks/.reference-venv`` (ignored by git; nothing of it is
@@ -11,7 +12,8 @@ stage it was in, and the other rows are kept. If the reference cannot be
 installed or imported the script says so and exits non-zero: it never reports a
 ratio it did not measure.
 
-Output: one table on stdout and ``benchmarks/results/compare[-quick].json`` with
+Output: one table on stdout and ``benchmarks/results/compare[-quick][-ROWS].json`` (rewritten after
+each dataset) with
 every measured number, the ratios ours/reference, and the agreement statistics
 (matched accuracy and ARI against the true syllables on synthetic data; on real
 data the ARI between our syllables and the reference's next to the ARI between two
@@ -158,14 +160,20 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes and few sweeps (< 10 min on 2 cores)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per process (default 400 quick, 3600 full)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
+                        help="run only the datasets whose name contains one of these (e.g. 10x18000 bsoid)")
     args = parser.parse_args()
     timeout = args.timeout or (400 if args.quick else 3600)
     RESULTS.mkdir(exist_ok=True)
     reference_python = ensure_reference()
     suffix = "-quick" if args.quick else ""
+    rows = [r for r in plan(args.quick) if args.rows is None or any(t in r[0] for t in args.rows)]
+    if not rows:
+        sys.exit(f"no dataset matches --rows {' '.join(args.rows)}; names: {[r[0] for r in plan(args.quick)]}")
+    out = Path(args.out) if args.out else RESULTS / f"compare{suffix}{'-' + '-'.join(args.rows) if args.rows else ''}.json"
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
               "command": " ".join(["python", "benchmarks/compare_reference.py", *sys.argv[1:]]), "rows": {}}
-    for name, write, settings, write_new, seeds in plan(args.quick):
+    for name, write, settings, write_new, seeds in rows:
         if name.startswith("real") and not REAL_DIR.is_dir():
             print(f"{name}: skipped, {REAL_DIR} not found", flush=True)
             continue
@@ -189,8 +197,7 @@ def main():
             side.pop("syllables", None)
         report["rows"][name] = row
         _print_row(name, row)
-    out = Path(args.out) if args.out else RESULTS / f"compare{suffix}.json"
-    out.write_text(json.dumps(report, indent=1))
+        out.write_text(json.dumps(report, indent=1))  # after every row: a later hang or kill loses nothing
     print(f"\nwritten: {out}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -13,14 +14,13 @@ from .autoregressive import (
     ARPrior,
     ar_log_likelihoods,
     ar_sufficient_stats,
-    init_ar_params,
     num_lags,
     sample_ar_params,
 )
-from .transitions import TransitionParams, init_transitions, resample_transitions, transition_pairs
+from .transitions import TransitionParams, resample_transitions, smooth_initial_pi, transition_pairs
 
-#: Incremented each time ``gibbs_step`` is traced (tests assert one trace per shape).
-TRACE_COUNTS = {"arhmm.gibbs_step": 0}
+#: Incremented each time a function is traced (tests assert one trace per shape).
+TRACE_COUNTS = {"arhmm.gibbs_step": 0, "arhmm.sample_labels": 0}
 
 
 class ARHMMHypers(NamedTuple):
@@ -95,17 +95,6 @@ def num_states_used(z: jax.Array, mask: jax.Array, num_states: int) -> jax.Array
     return jnp.sum(usage > 0)
 
 
-def init_state(key: jax.Array, data: ARHMMData, hypers: ARHMMHypers, num_states: int) -> ARHMMState:
-    """Transitions and AR parameters from the prior, then z by FFBS (spec 2.5), with split keys."""
-    k_trans, k_ar, k_z = jax.random.split(key, 3)
-    dtype = data.x.dtype
-    trans = init_transitions(k_trans, num_states, hypers.alpha, hypers.gamma, hypers.kappa, dtype)
-    ar = init_ar_params(k_ar, num_states, hypers.ar)
-    params = ARHMMParams(trans.betas, trans.pi, ar.Ab, ar.Q)
-    z, _ = sample_z(k_z, masked_log_likes(data, params), params.pi)
-    return ARHMMState(params, z)
-
-
 def param_stats(z: jax.Array, x: jax.Array, mask: jax.Array, num_states: int, n_lags: int):
     """What (beta, pi) and (Ab, Q) depend on: the flat transition ids (``transition_pairs``)
     and the per-state regression statistics (``ar_sufficient_stats``)."""
@@ -134,24 +123,75 @@ def resample_params(key: jax.Array, state: ARHMMState, x: jax.Array, mask: jax.A
     return sample_params_given_stats(key, state.params.betas, pairs, stats, hypers)
 
 
+def sample_labels(key: jax.Array, params: ARHMMParams, data: ARHMMData) -> tuple[jax.Array, dict]:
+    """z | x, params by FFBS, and the sweep's ``info`` for the new state: the per-term
+    log-likelihoods ("z", "x"), the marginal log-likelihood of x with z summed out
+    ("marginal") and the number of states used ("n_used")."""
+    TRACE_COUNTS["arhmm.sample_labels"] += 1
+    log_likes = masked_log_likes(data, params)
+    z, marginal = sample_z(key, log_likes, params.pi)
+    lmask = label_mask(data.mask, num_lags(params.ar))
+    info = log_likelihood_terms(z, log_likes, params.pi, lmask)
+    info["marginal"] = jnp.sum(marginal)
+    info["n_used"] = num_states_used(z, lmask, params.betas.shape[0])
+    return z, info
+
+
+class SweepParts(NamedTuple):
+    """The pieces an AR-HMM sweep and its initialisation are made of. ``PARTS`` holds the plain
+    functions; the estimator passes separately compiled ones, so that the initialisation, the
+    sweeps and the labels of new data share compiled programs (and the parameter draw is the
+    same program as the keypoint SLDS's, for the same numbers of states, dimensions and lags)."""
+
+    param_stats: Callable  # (z, x, mask, num_states, n_lags) -> (pairs, stats); the last two static
+    params_given_stats: Callable  # (key, betas, pairs, stats, hypers) -> ARHMMParams
+    labels: Callable  # (key, params, data) -> (z, info)
+
+
+def sweep(key: jax.Array, state: ARHMMState, data: ARHMMData, hypers: ARHMMHypers, parts) -> tuple[ARHMMState, dict]:
+    """One AR-HMM sweep from ``parts``: parameters from the previous z, then z by FFBS (spec 3.6)."""
+    k_params, k_z = jax.random.split(key)
+    pairs, stats = parts.param_stats(state.z, data.x, data.mask, state.params.betas.shape[0], num_lags(hypers.ar))
+    params = parts.params_given_stats(k_params, state.params.betas, pairs, stats, hypers)
+    z, info = parts.labels(k_z, params, data)
+    return ARHMMState(params, z), info
+
+
 def gibbs_step(
     key: jax.Array, state: ARHMMState, data: ARHMMData, hypers: ARHMMHypers
 ) -> tuple[ARHMMState, dict]:
     """One AR-HMM sweep: parameters from the previous z, then z by FFBS.
 
-    ``info`` holds the per-term log-likelihoods of the new state ("z", "x") and the
-    marginal log-likelihood of x with z summed out ("marginal").
+    ``info`` holds the per-term log-likelihoods of the new state ("z", "x"), the
+    marginal log-likelihood of x with z summed out ("marginal") and the number of
+    states used ("n_used").
     """
     TRACE_COUNTS["arhmm.gibbs_step"] += 1
+    return sweep(key, state, data, hypers, PARTS)
+
+
+def prior_params(key: jax.Array, pairs, stats, hypers: ARHMMHypers, params_given_stats=None) -> ARHMMParams:
+    """Transitions and AR parameters from the prior (spec 2.5.3-4), then pi smoothed as the
+    initialisation does. ``pairs`` and ``stats`` are ``param_stats`` of data with every frame
+    masked (no transitions, zero statistics), so the draw is the parameter conditional's
+    program: beta ~ Dir(gamma/S), pi_j ~ Dir(alpha beta + kappa e_j), (Ab, Q) ~ MNIW_0."""
+    params_given_stats = sample_params_given_stats if params_given_stats is None else params_given_stats
+    num_states = stats.n.shape[0]
+    betas = jnp.full((num_states,), 1.0 / num_states, stats.yy.dtype)
+    params = params_given_stats(key, betas, pairs, stats, hypers)
+    return params._replace(pi=smooth_initial_pi(params.pi))
+
+
+def init_state(key: jax.Array, data: ARHMMData, hypers: ARHMMHypers, num_states: int, parts=None) -> ARHMMState:
+    """Transitions and AR parameters from the prior, then z by FFBS (spec 2.5), with split keys."""
+    parts = PARTS if parts is None else parts
     k_params, k_z = jax.random.split(key)
-    params = resample_params(k_params, state, data.x, data.mask, hypers)
-    log_likes = masked_log_likes(data, params)
-    z, marginal = sample_z(k_z, log_likes, params.pi)
     n_lags = num_lags(hypers.ar)
-    info = log_likelihood_terms(z, log_likes, params.pi, label_mask(data.mask, n_lags))
-    info["marginal"] = jnp.sum(marginal)
-    info["n_used"] = num_states_used(z, label_mask(data.mask, n_lags), params.betas.shape[0])
-    return ARHMMState(params, z), info
+    z = jnp.zeros(data.mask[:, n_lags:].shape, jnp.int32)
+    pairs, stats = parts.param_stats(z, data.x, jnp.zeros_like(data.mask), num_states, n_lags)
+    params = prior_params(k_params, pairs, stats, hypers, parts.params_given_stats)
+    z, _ = parts.labels(k_z, params, data)
+    return ARHMMState(params, z)
 
 
 def posterior_marginals(data: ARHMMData, params: ARHMMParams) -> jax.Array:
@@ -166,3 +206,6 @@ def predictive_log_likelihoods(data: ARHMMData, params: ARHMMParams) -> jax.Arra
     filt = jax.vmap(hmm.forward_filter, in_axes=(0, None))(log_likes, params.pi)
     n_lags = num_lags(params.ar)
     return filt.log_normalizers * label_mask(data.mask, n_lags).astype(log_likes.dtype)
+
+
+PARTS = SweepParts(param_stats, sample_params_given_stats, sample_labels)

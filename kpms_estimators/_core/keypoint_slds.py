@@ -255,11 +255,8 @@ def init_state(
     params = KeypointParams(*ar_shape, Cd, sigmasq)
     state = KeypointState(params, x0, z, h0, v0, jnp.ones_like(data.s0))
     pairs, stats = parts.param_stats(state, data._replace(mask=jnp.zeros_like(data.mask)), hypers)
-    ar = parts.params_given_stats(k_ar, betas, pairs, stats, hypers.arhmm)
-    pi = ar.pi + jnp.finfo(jnp.float32).tiny
-    # floor after normalising: in float32, tiny / rowsum rounds to a (flushed) subnormal
-    pi = jnp.maximum(pi / jnp.sum(pi, axis=-1, keepdims=True), jnp.finfo(dtype).tiny)
-    state = state._replace(params=_with_ar(params, ar._replace(pi=pi)))
+    ar = arhmm.prior_params(k_ar, pairs, stats, hypers.arhmm, parts.params_given_stats)
+    state = state._replace(params=_with_ar(params, ar))
     state = state._replace(z=parts.labels(k_z, state, data))
     return parts.noise_scales(k_s, state, data, hypers, reference_compat=reference_compat)
 

@@ -102,7 +102,12 @@ def init_transitions(key: jax.Array, num_states: int, alpha, gamma, kappa, dtype
     conc = jnp.full((num_states,), gamma / num_states, dtype)
     betas = jnp.exp(sample_log_dirichlet(k_beta, conc))
     pi = sample_pi(k_pi, jnp.zeros((num_states, num_states), jnp.int32), betas, alpha, kappa)
+    return TransitionParams(betas, smooth_initial_pi(pi))
+
+
+@jax.jit  # one small program, also where it is called outside a compiled function
+def smooth_initial_pi(pi: jax.Array) -> jax.Array:
+    """pi <- (pi + tiny32) / rowsum, as the initialisation does (spec 2.5.3): no zero transition."""
     pi = pi + jnp.finfo(jnp.float32).tiny
     # floor after normalising: in float32, tiny / rowsum rounds to a (flushed) subnormal
-    pi = jnp.maximum(pi / jnp.sum(pi, axis=-1, keepdims=True), jnp.finfo(dtype).tiny)
-    return TransitionParams(betas, pi)
+    return jnp.maximum(pi / jnp.sum(pi, axis=-1, keepdims=True), jnp.finfo(pi.dtype).tiny)

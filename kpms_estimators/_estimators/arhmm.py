@@ -10,18 +10,31 @@ import xarray as xr
 from .. import _data
 from .._core import arhmm as core
 from .._core.autoregressive import make_ar_prior
-from ._base import GibbsEstimator, float64
+from ._base import GibbsEstimator, compiled, float64
 
-_gibbs_step = jax.jit(core.gibbs_step)
-_init_state = jax.jit(core.init_state, static_argnums=3)
-_posterior_marginals = jax.jit(core.posterior_marginals)
-_predictive_log_likelihoods = jax.jit(core.predictive_log_likelihoods)
+#: The (beta, pi, Ab, Q) draw given the statistics: the keypoint SLDS uses the same compiled program.
+params_given_stats = compiled(core.sample_params_given_stats)
+_PARTS = core.SweepParts(
+    param_stats=compiled(core.param_stats, static_argnums=(3, 4)),
+    params_given_stats=params_given_stats,
+    labels=compiled(core.sample_labels),
+)
+_posterior_marginals = compiled(core.posterior_marginals)
+_predictive_log_likelihoods = compiled(core.predictive_log_likelihoods)
 
 
-@jax.jit
+def _gibbs_step(key, state, data, hypers):
+    """``core.gibbs_step`` from the separately compiled parts (no host round trip between them)."""
+    return core.sweep(key, state, data, hypers, _PARTS)
+
+
+def _init_state(key, data, hypers, num_states):
+    return core.init_state(key, data, hypers, num_states, parts=_PARTS)
+
+
 def _resample_z(key, chain, data):
-    """New labels for other data given the chain's parameters."""
-    z, _ = core.sample_z(key, core.masked_log_likes(data, chain.params), chain.params.pi)
+    """New labels for other data given the chain's parameters (the sweep's labels program)."""
+    z, _ = _PARTS.labels(key, chain.params, data)
     return core.ARHMMState(chain.params, z)
 
 

@@ -17,13 +17,14 @@ from .._core import keypoint_slds as core
 from .._core.autoregressive import make_ar_prior
 from .._core.keypoints import centring_embedding
 from ._base import GibbsEstimator, _fingerprint, compiled, float64
+from .arhmm import params_given_stats
 
 #: The sweep's pieces, each compiled once per shape and shared: the AR-only and the full
 #: stage, the initialisation and apply's states-only sweeps run the same programs, so the
 #: full stage compiles only the emission part and ``init`` only what no sweep has.
 _PARTS = core.SweepParts(
     param_stats=compiled(core.param_stats),
-    params_given_stats=compiled(ar_core.sample_params_given_stats),
+    params_given_stats=params_given_stats,
     labels=compiled(core.sample_labels),
     emission=compiled(core.sample_emission, static_argnames="switches"),
     info=compiled(core.sweep_info),
