@@ -27,10 +27,19 @@ def sim():
     return simulate_keypoints(**SIM, random_state=0)
 
 
+#: What the ``fitted`` fixture's fit traced (a shape no other test uses): see the compile-once test.
+_FIT_TRACES: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def fitted(sim):
     """20 AR-only then 40 full sweeps on 3 x 1500 frames."""
-    return AlloKeypointSLDS(**PARAMS).fit(sim.poses)
+    from kpms_estimators._core import keypoint_slds as kslds
+
+    before = {**allo.TRACE_COUNTS, **kslds.TRACE_COUNTS}
+    model = AlloKeypointSLDS(**PARAMS).fit(sim.poses)
+    _FIT_TRACES.update({k: v - before[k] for k, v in {**allo.TRACE_COUNTS, **kslds.TRACE_COUNTS}.items()})
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +102,22 @@ def test_relabelling_permutes_the_allo_parameters(fitted, labels, sim):
         np.testing.assert_array_less(np.abs(fitted.velocity_[fit_k] - sim.velocity[true_k]), 0.3)
     # the same comparison with the raw (unpermuted) parameters fails
     assert any(np.max(np.abs(params.delta_v[fit_k] - sim.velocity[true_k])) >= 0.3 for fit_k, true_k in pairs)
+
+
+def test_sweep_parts_compile_once_per_shape(sim, fitted):
+    """The fit (initialisation, AR-only and full stages) traced each compiled part once; the AR parameter
+    draw and the initialisation's parts are KeypointSLDS's. Apply's states-only sweeps and more sweeps
+    trace nothing new."""
+    from kpms_estimators._core import keypoint_slds as kslds
+
+    for part in ("allo.allo_params", "allo.sample_labels", "allo.sample_emission", "keypoint_slds.param_stats",
+                 "keypoint_slds.sample_labels"):
+        assert _FIT_TRACES[part] == 1, (part, _FIT_TRACES)
+    assert _FIT_TRACES["allo.gibbs_step"] == 0 and _FIT_TRACES["keypoint_slds.sample_emission"] == 0, _FIT_TRACES
+    now = {**allo.TRACE_COUNTS, **kslds.TRACE_COUNTS}
+    fitted.predict(sim.poses)
+    copy.deepcopy(fitted).set_params(n_iter=1).partial_fit(sim.poses)
+    assert {**allo.TRACE_COUNTS, **kslds.TRACE_COUNTS} == now
 
 
 def test_new_data_keep_the_fitted_allo_parameters(fitted):

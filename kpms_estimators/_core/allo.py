@@ -25,6 +25,7 @@ Shapes: B segments, T frames, K keypoints, D = 2 or 3, S states, L lags;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -38,7 +39,7 @@ from .distributions import normal_from_uniform, sample_log_gamma, uniforms
 from .kalman import _chol_inv_small, _mm, _mm_nt, _mm_tn, _mv
 
 #: Incremented each time ``gibbs_step`` is traced (tests assert one trace per shape).
-TRACE_COUNTS = {"allo.gibbs_step": 0}
+TRACE_COUNTS = {"allo.gibbs_step": 0, "allo.allo_params": 0, "allo.sample_labels": 0, "allo.sample_emission": 0}
 
 #: Prior variance of every coordinate of (h_0, v_0) in the (h, v) filter (spec 5.4).
 PRIOR_VARIANCE = 1e4
@@ -246,13 +247,6 @@ def sample_allo_params(key, stats: AlloStats, prior: AlloPrior):
         k_v, stats.count, stats.sum_dv, stats.sumsq_dv, prior.alpha0_v, prior.beta0_v, prior.lambda0_v
     )
     return delta_h[:, 0], sigmasq_h, delta_v, sigmasq_v
-
-
-def init_allo_params(key, num_states: int, prior: AlloPrior, dtype):
-    """Independent prior draws of the allo parameters for every state (spec 5.1)."""
-    zeros = jnp.zeros((num_states,), dtype)
-    stats = AlloStats(zeros, zeros, zeros, jnp.zeros((num_states, 2), dtype), zeros)
-    return sample_allo_params(key, stats, prior)
 
 
 def resample_allo_params(key, params: AlloParams, z, h, v, mask, prior: AlloPrior, n_lags: int) -> AlloParams:
@@ -492,6 +486,86 @@ def log_likelihood_terms(state: AlloState, data: kslds.KeypointData, hypers: All
     return terms
 
 
+def as_keypoint(state: AlloState) -> kslds.KeypointState:
+    """The keypoint SLDS part of a state (same arrays), to run the keypoint SLDS's compiled parts on it."""
+    return kslds.KeypointState(kslds.KeypointParams(*state.params[: len(kslds.KeypointParams._fields)]), *state[1:])
+
+
+def keypoint_hypers(hypers: AlloHypers) -> kslds.KeypointHypers:
+    return kslds.KeypointHypers(*hypers[: len(kslds.KeypointHypers._fields)])
+
+
+def redraw_allo_params(key, state: AlloState, data: kslds.KeypointData, hypers: AlloHypers) -> AlloState:
+    """The allo parameters from their conditional given z, h, v (spec 5.2); with every frame
+    masked, from their prior (spec 5.1)."""
+    TRACE_COUNTS["allo.allo_params"] += 1
+    params = resample_allo_params(key, state.params, state.z, state.h, state.v, data.mask, hypers.allo,
+                                  num_lags(hypers.arhmm.ar))
+    return state._replace(params=params)
+
+
+def sample_labels(key, state: AlloState, data: kslds.KeypointData) -> jax.Array:
+    """z | x, h, v, params by FFBS with the AR + allo log-likelihoods (spec 5.3)."""
+    TRACE_COUNTS["allo.sample_labels"] += 1
+    return arhmm.sample_z(key, masked_log_likes(state, data), state.params.pi)[0]
+
+
+def sample_emission(key, state: AlloState, data: kslds.KeypointData, hypers: AlloHypers, switches: AlloSwitches):
+    """Steps 3-6 of a sweep: sigmasq (if resample_global_noise_scale), x, (h, v) jointly (or h then v
+    by the keypoint SLDS conditionals with ignore_allo_dynamics), s."""
+    TRACE_COUNTS["allo.sample_emission"] += 1
+    k_sigma, k_x, k_h, k_v, k_s = jax.random.split(key, 5)
+    params = state.params
+    if switches.resample_global_noise_scale:
+        dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
+        errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
+        sigmasq = kp.sample_global_scales(k_sigma, errors, state.s, data.mask, hypers.nu_sigma, hypers.sigmasq_0, dof)
+        state = state._replace(params=params._replace(sigmasq=sigmasq))
+    state = state._replace(x=kslds.sample_x(k_x, state, data, hypers, switches.parallel_message_passing))
+    if switches.ignore_allo_dynamics:
+        p = state.params
+        state = state._replace(h=kp.sample_heading(k_h, data.Y, state.x, state.v, state.s, p.sigmasq, p.Cd, data.Gamma))
+        state = state._replace(v=kslds.sample_v(k_v, state, data, hypers, switches.parallel_message_passing))
+    else:
+        h, v = sample_location(k_h, state, data, hypers, switches.parallel_message_passing)
+        state = state._replace(h=h, v=v)
+    return kslds.resample_noise_scales(k_s, state, data, hypers, switches.reference_compat)
+
+
+def sweep_info(state: AlloState, data: kslds.KeypointData, hypers: AlloHypers) -> dict:
+    """The per-term log-likelihoods of a state (spec 6) and the number of states used."""
+    info = log_likelihood_terms(state, data, hypers)
+    lmask = arhmm.label_mask(data.mask, num_lags(hypers.arhmm.ar))
+    info["n_used"] = arhmm.num_states_used(state.z, lmask, state.params.betas.shape[0])
+    return info
+
+
+class SweepParts(NamedTuple):
+    """The location-aware pieces of a sweep; the AR parameter draw, the initialisation and
+    the noise scales of new data run the keypoint SLDS's parts (``kslds.SweepParts``) on
+    ``as_keypoint(state)``, so the estimator shares those compiled programs with KeypointSLDS."""
+
+    allo_params: Callable  # (key, state, data, hypers) -> state with new allo parameters
+    labels: Callable  # (key, state, data) -> z
+    emission: Callable  # (key, state, data, hypers, switches) -> state
+    info: Callable  # (state, data, hypers) -> dict
+
+
+def sweep(key, state: AlloState, data: kslds.KeypointData, hypers: AlloHypers, switches: AlloSwitches, parts,
+          kp_parts) -> tuple[AlloState, dict]:
+    """One sweep in the order of spec 5.5 from ``parts`` and ``kp_parts`` (see ``gibbs_step``)."""
+    k_params, k_allo, k_z, k_emission = jax.random.split(key, 4)
+    if not switches.states_only:
+        pairs, stats = kp_parts.param_stats(as_keypoint(state), data, keypoint_hypers(hypers))
+        ar = kp_parts.params_given_stats(k_params, state.params.betas, pairs, stats, hypers.arhmm)
+        state = parts.allo_params(k_allo, state, data, hypers)  # given the previous z, like (Ab, Q)
+        state = state._replace(params=state.params._replace(betas=ar.betas, pi=ar.pi, Ab=ar.Ab, Q=ar.Q))
+    state = state._replace(z=parts.labels(k_z, state, data))
+    if not switches.ar_only:
+        state = parts.emission(k_emission, state, data, hypers, switches=kslds.emission_switches(switches))
+    return state, parts.info(state, data, hypers)
+
+
 def gibbs_step(
     key: jax.Array, state: AlloState, data: kslds.KeypointData, hypers: AlloHypers, switches: AlloSwitches
 ) -> tuple[AlloState, dict]:
@@ -505,60 +579,42 @@ def gibbs_step(
     number of states used.
     """
     TRACE_COUNTS["allo.gibbs_step"] += 1
-    k_params, k_allo, k_z, k_sigma, k_x, k_h, k_v, k_s = jax.random.split(key, 8)
-    n_lags = num_lags(hypers.arhmm.ar)
-    params = state.params
-    if not switches.states_only:
-        ar = arhmm.resample_params(k_params, arhmm.ARHMMState(params.ar, state.z), state.x, data.mask, hypers.arhmm)
-        params = params._replace(betas=ar.betas, pi=ar.pi, Ab=ar.Ab, Q=ar.Q)
-        params = resample_allo_params(k_allo, params, state.z, state.h, state.v, data.mask, hypers.allo, n_lags)
-    state = state._replace(params=params)
-    z, _ = arhmm.sample_z(k_z, masked_log_likes(state, data), params.pi)
-    state = state._replace(z=z)
-    if not switches.ar_only:
-        dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
-        if switches.resample_global_noise_scale and not switches.states_only:
-            errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
-            sigmasq = kp.sample_global_scales(k_sigma, errors, state.s, data.mask, hypers.nu_sigma,
-                                              hypers.sigmasq_0, dof)
-            state = state._replace(params=params._replace(sigmasq=sigmasq))
-        state = state._replace(x=kslds.sample_x(k_x, state, data, hypers, switches.parallel_message_passing))
-        if switches.ignore_allo_dynamics:
-            p = state.params
-            h = kp.sample_heading(k_h, data.Y, state.x, state.v, state.s, p.sigmasq, p.Cd, data.Gamma)
-            state = state._replace(h=h)
-            state = state._replace(v=kslds.sample_v(k_v, state, data, hypers, switches.parallel_message_passing))
-        else:
-            h, v = sample_location(k_h, state, data, hypers, switches.parallel_message_passing)
-            state = state._replace(h=h, v=v)
-        state = kslds.resample_noise_scales(k_s, state, data, hypers, switches.reference_compat)
-    info = log_likelihood_terms(state, data, hypers)
-    info["n_used"] = arhmm.num_states_used(state.z, arhmm.label_mask(data.mask, n_lags), params.betas.shape[0])
-    return state, info
+    return sweep(key, state, data, hypers, switches, PARTS, kslds.PARTS)
+
+
+def init_state(
+    key, x0, h0, v0, data: kslds.KeypointData, hypers: AlloHypers, Cd, num_states: int, reference_compat: bool,
+    parts=None, kp_parts=None,
+) -> AlloState:
+    """The keypoint SLDS initialisation (spec 2.5), then the allo parameters from their prior (5.1):
+    the allo conditional given no data (every frame masked), i.e. the sweep's program."""
+    parts, kp_parts = parts or PARTS, kp_parts or kslds.PARTS
+    k_kp, k_allo = jax.random.split(key)
+    state = kslds.init_state(k_kp, x0, h0, v0, data, keypoint_hypers(hypers), Cd, num_states, reference_compat,
+                             parts=kp_parts)
+    dtype = data.Y.dtype
+    zeros, ones = jnp.zeros((num_states,), dtype), jnp.ones((num_states,), dtype)
+    state = _with_allo(state, (zeros, ones, jnp.zeros((num_states, 2), dtype), ones))  # placeholders
+    return parts.allo_params(k_allo, state, data._replace(mask=jnp.zeros_like(data.mask)), hypers)
+
+
+def init_states_given_params(
+    key, x0, h0, v0, data: kslds.KeypointData, hypers: AlloHypers, params: AlloParams, reference_compat: bool,
+    parts=None, kp_parts=None,
+) -> AlloState:
+    """States for new data under fitted parameters (allo ones included): z by FFBS given x0, h0, v0, then s (spec 7)."""
+    parts, kp_parts = parts or PARTS, kp_parts or kslds.PARTS
+    k_z, k_s = jax.random.split(key)
+    state = AlloState(params, x0, jnp.zeros(data.mask[:, num_lags(params.ar) :].shape, jnp.int32), h0, v0,
+                      jnp.ones_like(data.s0))
+    state = state._replace(z=parts.labels(k_z, state, data))
+    scaled = kp_parts.noise_scales(k_s, as_keypoint(state), data, keypoint_hypers(hypers),
+                                   reference_compat=reference_compat)
+    return state._replace(s=scaled.s)
 
 
 def _with_allo(state: kslds.KeypointState, allo) -> AlloState:
     return AlloState(AlloParams(*state.params, *allo), *state[1:])
-
-
-def init_state(
-    key, x0, h0, v0, data: kslds.KeypointData, hypers: AlloHypers, Cd, num_states: int, reference_compat: bool
-) -> AlloState:
-    """The keypoint SLDS initialisation (spec 2.5), then the allo parameters from their prior (5.1)."""
-    k_kp, k_allo = jax.random.split(key)
-    state = kslds.init_state(k_kp, x0, h0, v0, data, hypers, Cd, num_states, reference_compat)
-    return _with_allo(state, init_allo_params(k_allo, num_states, hypers.allo, data.Y.dtype))
-
-
-def init_states_given_params(
-    key, x0, h0, v0, data: kslds.KeypointData, hypers: AlloHypers, params: AlloParams, reference_compat: bool
-) -> AlloState:
-    """States for new data under fitted parameters (allo ones included): z by FFBS given x0, h0, v0, then s (spec 7)."""
-    k_z, k_s = jax.random.split(key)
-    state = AlloState(params, x0, jnp.zeros(data.mask[:, num_lags(params.ar) :].shape, jnp.int32), h0, v0,
-                      jnp.ones_like(data.s0))
-    z, _ = arhmm.sample_z(k_z, masked_log_likes(state, data), params.pi)
-    return kslds.resample_noise_scales(k_s, state._replace(z=z), data, hypers, reference_compat)
 
 
 def posterior_marginals(state: AlloState, data: kslds.KeypointData) -> jax.Array:
@@ -571,3 +627,6 @@ def predictive_log_likelihoods(state: AlloState, data: kslds.KeypointData) -> ja
     filt = jax.vmap(hmm.forward_filter, in_axes=(0, None))(masked_log_likes(state, data), state.params.pi)
     lmask = arhmm.label_mask(data.mask, num_lags(state.params.ar))
     return filt.log_normalizers * lmask.astype(filt.log_normalizers.dtype)
+
+
+PARTS = SweepParts(redraw_allo_params, sample_labels, sample_emission, sweep_info)

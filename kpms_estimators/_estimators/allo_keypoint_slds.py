@@ -6,14 +6,35 @@ import jax.numpy as jnp
 
 from .._core import allo
 from ._base import compiled
+from .keypoint_slds import _PARTS as _KEYPOINT_PARTS
 from .keypoint_slds import KeypointSLDS, _Kernels
 
-# one program per sweep (the shared parts of KeypointSLDS are not split out here yet), with the
-# same compiler options and heap release as KeypointSLDS's parts
+_PARTS = allo.SweepParts(
+    allo_params=compiled(allo.redraw_allo_params),
+    labels=compiled(allo.sample_labels),
+    emission=compiled(allo.sample_emission, static_argnames="switches"),
+    info=compiled(allo.sweep_info),
+)
+
+
+def _step(key, state, data, hypers, *, switches):
+    """``allo.gibbs_step`` from separately compiled parts, the AR parameter draw being KeypointSLDS's."""
+    return allo.sweep(key, state, data, hypers, switches, _PARTS, _KEYPOINT_PARTS)
+
+
+def _init_state(key, x0, h0, v0, data, hypers, Cd, *, num_states, reference_compat):
+    return allo.init_state(key, x0, h0, v0, data, hypers, Cd, num_states, reference_compat, _PARTS, _KEYPOINT_PARTS)
+
+
+def _init_given_params(key, x0, h0, v0, data, hypers, params, *, reference_compat):
+    return allo.init_states_given_params(key, x0, h0, v0, data, hypers, params, reference_compat, _PARTS,
+                                         _KEYPOINT_PARTS)
+
+
 _KERNELS = _Kernels(
-    step=compiled(allo.gibbs_step, static_argnames="switches"),
-    init_state=compiled(allo.init_state, static_argnames=("num_states", "reference_compat")),
-    init_given_params=compiled(allo.init_states_given_params, static_argnames="reference_compat"),
+    step=_step,
+    init_state=_init_state,
+    init_given_params=_init_given_params,
     posterior_marginals=compiled(allo.posterior_marginals),
     predictive=compiled(allo.predictive_log_likelihoods),
 )
