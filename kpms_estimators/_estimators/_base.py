@@ -60,11 +60,38 @@ def float64():
 #: XLA options per backend for the sampler's programs. On the CPU, LLVM optimisation level 1
 #: without its expensive passes compiles the full keypoint sweep in 9.3 s instead of 14.8 s
 #: with steady sweeps no slower (0.23 vs 0.28 s; 4 x 3000 frames, 100 states; measured with
-#: ``jax.jit(...).lower(...).compile(compiler_options=...)``, see benchmarks/README.md).
-#: Other backends keep XLA's defaults.
+#: ``jax.jit(...).lower(...).compile(compiler_options=...)``, see benchmarks/README.md), and
+#: XLA's older (non-MLIR) loop emitters for fusions compile the keypoint model's parts in
+#: about two thirds of the time with a third less peak memory, steady sweeps unchanged
+#: (benchmarks/README.md, session 6). Other backends keep XLA's defaults. An option the
+#: installed jaxlib does not know is dropped (``compiler_options``).
 COMPILER_OPTIONS = {
-    "cpu": {"xla_backend_optimization_level": 1, "xla_llvm_disable_expensive_passes": True},
+    "cpu": {
+        "xla_backend_optimization_level": 1,
+        "xla_llvm_disable_expensive_passes": True,
+        "xla_cpu_use_fusion_emitters": False,
+    },
 }
+
+_ACCEPTED_OPTIONS: dict = {}
+
+
+def compiler_options(backend: str) -> dict | None:
+    """``COMPILER_OPTIONS[backend]`` less the options this jaxlib rejects (probed once per backend).
+
+    XLA renames and retires its debug options between releases; an unknown one fails
+    every compile, so each is tried on a one-element program first.
+    """
+    if backend not in _ACCEPTED_OPTIONS:
+        accepted = {}
+        for name, value in COMPILER_OPTIONS.get(backend, {}).items():
+            try:
+                jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(np.zeros(1)).compile()
+            except Exception:  # noqa: BLE001  (XLA raises its own runtime error type)
+                continue
+            accepted[name] = value
+        _ACCEPTED_OPTIONS[backend] = accepted or None
+    return _ACCEPTED_OPTIONS[backend]
 
 
 def _malloc_trim():
@@ -102,7 +129,7 @@ def compiled(fun, **jit_kwargs):
     def for_backend():
         backend = jax.default_backend()
         if backend not in jitted:
-            jitted[backend] = jax.jit(fun, compiler_options=COMPILER_OPTIONS.get(backend), **jit_kwargs)
+            jitted[backend] = jax.jit(fun, compiler_options=compiler_options(backend), **jit_kwargs)
         return jitted[backend]
 
     @functools.wraps(fun)
