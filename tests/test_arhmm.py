@@ -141,3 +141,18 @@ def test_grid_search_over_kappa_with_group_kfold():
     assert np.all(np.isfinite(scores))
     assert search.best_params_["kappa"] == [1e2, 1e6][int(np.argmax(scores))]
     assert search.best_estimator_.n_iter_ == 3
+
+
+def test_compiler_options_drop_what_jaxlib_rejects(monkeypatch):
+    from kpms_estimators._estimators import _base
+
+    options = dict(_base.COMPILER_OPTIONS["cpu"], xla_cpu_no_such_option_kpms=True)
+    monkeypatch.setitem(_base.COMPILER_OPTIONS, "cpu", options)
+    monkeypatch.setattr(_base, "_ACCEPTED_OPTIONS", {})
+    accepted = _base.compiler_options("cpu")
+    assert "xla_cpu_no_such_option_kpms" not in accepted
+    assert accepted["xla_backend_optimization_level"] == 1  # jaxlib >= 0.6.2 knows the others
+    assert set(accepted) == set(options) - {"xla_cpu_no_such_option_kpms"}
+    # a program compiled with what is left runs
+    double = _base.compiled(lambda x: 2 * x)
+    assert float(double(np.ones(1))[0]) == 2.0
