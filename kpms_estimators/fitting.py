@@ -36,7 +36,7 @@ from . import _checkpoint, _data, _init
 from ._core import arhmm as ar_core
 from ._core import keypoint_slds as core
 from ._core.keypoints import centring_embedding
-from ._estimators._base import float64
+from ._estimators._base import compiled, float64
 from ._core import allo as allo_core
 from ._estimators.allo_keypoint_slds import AlloKeypointSLDS
 from ._estimators.keypoint_slds import KeypointSLDS
@@ -598,10 +598,12 @@ def _unbatch_marginals(est, model, metadata, marginals):
 
 
 # --------------------------------------------------------------------------- model selection
-@jax.jit
-def _marginal_log_likelihood(x, mask, params: ar_core.ARHMMParams):
+def _marginal_log_likelihood_sum(x, mask, params: ar_core.ARHMMParams):
     """sum over segments of log p(x_b | Ab, Q, pi), z summed out by the forward filter (spec 3.5, 9)."""
     return jnp.sum(ar_core.predictive_log_likelihoods(ar_core.ARHMMData(x, mask), params))
+
+
+_marginal_log_likelihood = compiled(_marginal_log_likelihood_sum)
 
 
 def _eml_paths(project_dir, model_names, checkpoint_paths) -> list[Path]:

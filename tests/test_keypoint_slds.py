@@ -64,14 +64,16 @@ def _angle_error(a, b):
 
 
 def test_recovers_syllables_heading_and_centroid(sim, fitted):
-    """After 50 AR-only + 100 full sweeps: matched syllable accuracy >= 0.9 (measured 0.981-0.991 on
-    chains 0-3 with the simulator's default latent_noise=0.3); median heading error < 0.2 rad and
-    median centroid error < 1.5 units (body length 40, per-coordinate noise ~1.8 units)."""
+    """After 50 AR-only + 100 full sweeps: matched syllable accuracy >= 0.85 (chance is ~0.3; measured
+    on chains random_state=0-19 with the simulator's default latent_noise=0.3: 0.896-0.996, median
+    0.986, 4 of 20 below 0.95, where a true syllable is split over several states; this is chain 0);
+    median heading error < 0.2 rad and median centroid error < 1.5 units (body length 40,
+    per-coordinate noise ~1.8 units)."""
     results = fitted.transform(sim.poses)
     assert sorted(results) == sorted(sim.poses)
     labels = np.concatenate([results[r]["syllable"].values for r in sorted(results)])
     truth = np.concatenate([sim.syllables[r] for r in sorted(results)])
-    assert matched_accuracy(truth, labels) >= 0.9
+    assert matched_accuracy(truth, labels) >= 0.85
     heading = np.concatenate([_angle_error(results[r]["heading"].values, sim.heading[r]) for r in results])
     centroid = np.concatenate(
         [np.linalg.norm(results[r]["centroid"].values - sim.centroid[r], axis=-1) for r in results]

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import arhmm, hmm, kalman
 from . import keypoint_slds as kslds
@@ -593,9 +594,9 @@ def init_state(
     state = kslds.init_state(k_kp, x0, h0, v0, data, keypoint_hypers(hypers), Cd, num_states, reference_compat,
                              parts=kp_parts)
     dtype = data.Y.dtype
-    zeros, ones = jnp.zeros((num_states,), dtype), jnp.ones((num_states,), dtype)
-    state = _with_allo(state, (zeros, ones, jnp.zeros((num_states, 2), dtype), ones))  # placeholders
-    return parts.allo_params(k_allo, state, data._replace(mask=jnp.zeros_like(data.mask)), hypers)
+    zeros, ones = np.zeros((num_states,), dtype), np.ones((num_states,), dtype)
+    state = _with_allo(state, (zeros, ones, np.zeros((num_states, 2), dtype), ones))  # placeholders (host)
+    return parts.allo_params(k_allo, state, data._replace(mask=np.zeros(data.mask.shape, data.mask.dtype)), hypers)
 
 
 def init_states_given_params(
@@ -605,8 +606,8 @@ def init_states_given_params(
     """States for new data under fitted parameters (allo ones included): z by FFBS given x0, h0, v0, then s (spec 7)."""
     parts, kp_parts = parts or PARTS, kp_parts or kslds.PARTS
     k_z, k_s = jax.random.split(key)
-    state = AlloState(params, x0, jnp.zeros(data.mask[:, num_lags(params.ar) :].shape, jnp.int32), h0, v0,
-                      jnp.ones_like(data.s0))
+    state = AlloState(params, x0, arhmm.placeholder_labels(data.mask, num_lags(params.ar)), h0, v0,
+                      np.ones(data.s0.shape, data.s0.dtype))
     state = state._replace(z=parts.labels(k_z, state, data))
     scaled = kp_parts.noise_scales(k_s, as_keypoint(state), data, keypoint_hypers(hypers),
                                    reference_compat=reference_compat)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import hmm
 from .autoregressive import (
@@ -177,9 +178,15 @@ def prior_params(key: jax.Array, pairs, stats, hypers: ARHMMHypers, params_given
     program: beta ~ Dir(gamma/S), pi_j ~ Dir(alpha beta + kappa e_j), (Ab, Q) ~ MNIW_0."""
     params_given_stats = sample_params_given_stats if params_given_stats is None else params_given_stats
     num_states = stats.n.shape[0]
-    betas = jnp.full((num_states,), 1.0 / num_states, stats.yy.dtype)
+    betas = np.full((num_states,), 1.0 / num_states, stats.yy.dtype)
     params = params_given_stats(key, betas, pairs, stats, hypers)
     return params._replace(pi=smooth_initial_pi(params.pi))
+
+
+def placeholder_labels(mask, n_lags: int) -> np.ndarray:
+    """All-zero labels (B, T-L) for a (B, T) frame mask, on the host: no device op, hence no
+    small compile of its own, before a compiled part overwrites them."""
+    return np.zeros((mask.shape[0], mask.shape[1] - n_lags), np.int32)
 
 
 def init_state(key: jax.Array, data: ARHMMData, hypers: ARHMMHypers, num_states: int, parts=None) -> ARHMMState:
@@ -187,8 +194,8 @@ def init_state(key: jax.Array, data: ARHMMData, hypers: ARHMMHypers, num_states:
     parts = PARTS if parts is None else parts
     k_params, k_z = jax.random.split(key)
     n_lags = num_lags(hypers.ar)
-    z = jnp.zeros(data.mask[:, n_lags:].shape, jnp.int32)
-    pairs, stats = parts.param_stats(z, data.x, jnp.zeros_like(data.mask), num_states, n_lags)
+    z = placeholder_labels(data.mask, n_lags)
+    pairs, stats = parts.param_stats(z, data.x, np.zeros(data.mask.shape, data.mask.dtype), num_states, n_lags)
     params = prior_params(k_params, pairs, stats, hypers, parts.params_given_stats)
     z, _ = parts.labels(k_z, params, data)
     return ARHMMState(params, z)

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 from .distributions import psd_cholesky, psd_inv, sample_mniw
@@ -27,15 +28,20 @@ class ARPrior(NamedTuple):
 
 
 def make_ar_prior(latent_dim: int, n_lags: int, S_0_scale: float, K_0_scale: float, dtype) -> ARPrior:
-    """The reference prior: nu_0 = P + 2, S_0 = S_0_scale I, K_0 = K_0_scale I, M_0 = x_t = x_{t-1}."""
+    """The reference prior: nu_0 = P + 2, S_0 = S_0_scale I, K_0 = K_0_scale I, M_0 = x_t = x_{t-1}.
+
+    Host (NumPy) arrays: built before any sampling, so no device op (each a small compile of
+    its own in a fresh process) runs here; they are copied in where a compiled part is called.
+    """
     lagged = latent_dim * n_lags
-    M_0 = jnp.zeros((latent_dim, lagged + 1), dtype)
-    M_0 = M_0.at[:, lagged - latent_dim : lagged].set(jnp.eye(latent_dim, dtype=dtype))
+    dtype = np.dtype(dtype)
+    M_0 = np.zeros((latent_dim, lagged + 1), dtype)
+    M_0[:, lagged - latent_dim : lagged] = np.eye(latent_dim, dtype=dtype)
     return ARPrior(
-        nu_0=jnp.asarray(latent_dim + 2.0, dtype),
-        S_0=S_0_scale * jnp.eye(latent_dim, dtype=dtype),
+        nu_0=np.asarray(latent_dim + 2.0, dtype),
+        S_0=(S_0_scale * np.eye(latent_dim)).astype(dtype),
         M_0=M_0,
-        K_0=K_0_scale * jnp.eye(lagged + 1, dtype=dtype),
+        K_0=(K_0_scale * np.eye(lagged + 1)).astype(dtype),
     )
 
 

@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import arhmm, kalman
 from . import keypoints as kp
@@ -248,13 +249,14 @@ def init_state(
     k_ar, k_z, k_s = jax.random.split(key, 3)
     dtype = data.Y.dtype
     n_lags = num_lags(hypers.arhmm.ar)
-    betas = jnp.full((num_states,), 1.0 / num_states, dtype)
-    sigmasq = jnp.ones(data.Y.shape[-2], dtype)
-    z = jnp.zeros(data.mask[:, n_lags:].shape, jnp.int32)
-    ar_shape = arhmm.ARHMMParams(betas, jnp.eye(num_states, dtype=dtype), *_ar_prior_shapes(hypers, num_states, dtype))
+    # placeholders on the host (NumPy): no device op, hence no small compile, outside the parts
+    betas = np.full((num_states,), 1.0 / num_states, dtype)
+    sigmasq = np.ones(data.Y.shape[-2], dtype)
+    z = arhmm.placeholder_labels(data.mask, n_lags)
+    ar_shape = arhmm.ARHMMParams(betas, np.eye(num_states, dtype=dtype), *_ar_prior_shapes(hypers, num_states, dtype))
     params = KeypointParams(*ar_shape, Cd, sigmasq)
-    state = KeypointState(params, x0, z, h0, v0, jnp.ones_like(data.s0))
-    pairs, stats = parts.param_stats(state, data._replace(mask=jnp.zeros_like(data.mask)), hypers)
+    state = KeypointState(params, x0, z, h0, v0, np.ones(data.s0.shape, data.s0.dtype))
+    pairs, stats = parts.param_stats(state, data._replace(mask=np.zeros(data.mask.shape, data.mask.dtype)), hypers)
     ar = arhmm.prior_params(k_ar, pairs, stats, hypers.arhmm, parts.params_given_stats)
     state = state._replace(params=_with_ar(params, ar))
     state = state._replace(z=parts.labels(k_z, state, data))
@@ -264,7 +266,7 @@ def init_state(
 def _ar_prior_shapes(hypers: KeypointHypers, num_states: int, dtype):
     """Placeholder (Ab, Q) of the right shapes (S, P, L*P + 1), (S, P, P) for the prior draw."""
     prior = hypers.arhmm.ar
-    return (jnp.zeros((num_states,) + prior.M_0.shape, dtype), jnp.zeros((num_states,) + prior.S_0.shape, dtype))
+    return (np.zeros((num_states,) + prior.M_0.shape, dtype), np.zeros((num_states,) + prior.S_0.shape, dtype))
 
 
 def init_states_given_params(
@@ -274,8 +276,8 @@ def init_states_given_params(
     """States for new data under fitted parameters: z by FFBS given x0, then s (spec 7 step 1)."""
     parts = PARTS if parts is None else parts
     k_z, k_s = jax.random.split(key)
-    z = jnp.zeros(data.mask[:, num_lags(params.ar) :].shape, jnp.int32)
-    state = KeypointState(params, x0, z, h0, v0, jnp.ones_like(data.s0))
+    z = arhmm.placeholder_labels(data.mask, num_lags(params.ar))
+    state = KeypointState(params, x0, z, h0, v0, np.ones(data.s0.shape, data.s0.dtype))
     state = state._replace(z=parts.labels(k_z, state, data))
     return parts.noise_scales(k_s, state, data, hypers, reference_compat=reference_compat)
 

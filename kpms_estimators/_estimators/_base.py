@@ -170,11 +170,13 @@ def _is_float(leaf) -> bool:
     return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
+def _all_finite_tree(tree) -> jax.Array:
     """True when every float leaf of ``tree`` is finite: one fused reduction on the device."""
     flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree) if _is_float(leaf)]
     return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+_all_finite = compiled(_all_finite_tree)  # with the sampler's compiler options: 0.28 -> 0.1 s to compile
 
 
 def _path_name(path) -> str:
