@@ -12,27 +12,30 @@ from scipy.special import digamma, polygamma
 from kpms_estimators._core import distributions as dist
 
 NUM = 40_000
-_log_gamma = jax.jit(dist.sample_log_gamma, static_argnames=("num_proposals", "repair", "first_proposals"))
+_log_gamma = jax.jit(dist.sample_log_gamma,
+                     static_argnames=("num_proposals", "repair", "first_proposals", "round_proposals"))
 
 
 @pytest.mark.parametrize(
-    "proposals, repair, first",
-    [(16, False, None), (1, True, None), (16, False, 4), (16, False, 1)],
-    ids=["loop-free", "repair-loop", "batches-of-4", "batches-of-1"],
+    "proposals, repair, first, rounds",
+    [(16, False, None, None), (1, True, None, None), (16, False, 1, None), (16, False, 2, None),
+     (16, False, None, 4), (16, False, None, 1)],
+    ids=["loop-free", "repair-loop", "compact-1", "compact-2", "rounds-of-4", "rounds-of-1"],
 )
 @pytest.mark.parametrize("shape", [1e-3, 0.3, 1.0, 2.5, 40.0, 5e4])
-def test_log_gamma_matches_scipy(shape, proposals, repair, first):
+def test_log_gamma_matches_scipy(shape, proposals, repair, first, rounds):
     """log G, G ~ Gamma(shape): Kolmogorov-Smirnov against scipy's log-gamma
     distribution (p > 1e-3), and mean psi(a) / variance psi'(a) within 5 standard
     errors. Shape 1e-3 exercises the boost (G itself underflows float64 often).
     With one pre-drawn proposal and the repair loop, the ~5% of rejections are
-    redrawn in the loop: exact sequential rejection sampling. Batches of 1 or 4
-    proposals in a loop (``first_proposals``, the pi draw's mode) are exact too;
-    batches of 1 take several rounds for ~5% of the variates."""
+    redrawn in the loop: exact sequential rejection sampling. With ``first_proposals``
+    (1 or 2 for every variate, then only the rejected ones redrawn: the per-frame
+    scales' mode) and with ``round_proposals`` (rounds of 4 or 1 for every variate
+    until all accept: pi's mode) it is exact too."""
     with jax.enable_x64(True):
         key = jax.random.key(int(shape * 1000) % 997)
         draws = np.asarray(_log_gamma(key, jnp.full((NUM,), shape), num_proposals=proposals, repair=repair,
-                                      first_proposals=first))
+                                      first_proposals=first, round_proposals=rounds))
     assert np.all(np.isfinite(draws))
     assert stats.kstest(draws, stats.loggamma(c=shape).cdf).pvalue > 1e-3
     var = polygamma(1, shape)
@@ -62,3 +65,18 @@ def test_gamma_exhaustion_probability_is_negligible():
     safe = np.where(v > 0, v, 1.0)
     accept = (v > 0) & (np.log(u) < 0.5 * x**2 + d - d * safe + d * np.log(safe))
     assert accept.mean() > 0.95
+
+
+@pytest.mark.parametrize("shape", [0.3, 2.5])
+def test_log_gamma_compact_redraw_rounds_overflow(shape):
+    """``rejection_sample_compact`` on arrays of 8 variates redraws at most one per round
+    (capacity 8 // 8), so rejections queue over several rounds; under vmap (5000 keys,
+    40000 variates) the draws still match scipy's log-gamma law (KS p > 1e-3, mean within
+    5 standard errors)."""
+    draw = jax.jit(jax.vmap(lambda k, a: dist.sample_log_gamma(k, a, first_proposals=1), in_axes=(0, None)))
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(11), NUM // 8)
+        draws = np.asarray(draw(keys, jnp.full((8,), shape))).ravel()
+    assert np.all(np.isfinite(draws))
+    assert stats.kstest(draws, stats.loggamma(c=shape).cdf).pvalue > 1e-3
+    assert abs(draws.mean() - digamma(shape)) <= 5 * np.sqrt(polygamma(1, shape) / draws.size)

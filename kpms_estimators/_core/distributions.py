@@ -60,8 +60,7 @@ def _first_accepted(propose, u, num_proposals):
     return done, jnp.take_along_axis(value, first[None], axis=0)[0]
 
 
-def rejection_sample(key, propose, shape, num_uniforms: int, num_proposals: int, dtype, repair: bool,
-                     first_proposals: int | None = None):
+def rejection_sample(key, propose, shape, num_uniforms: int, num_proposals: int, dtype, repair: bool):
     """Elementwise rejection sampling with ``num_proposals`` proposals pre-drawn in one call.
 
     ``propose(u)`` maps uniforms ``u`` of shape (num_uniforms, n, *shape) to
@@ -72,23 +71,7 @@ def rejection_sample(key, propose, shape, num_uniforms: int, num_proposals: int,
     all proposals keeps the value of the last one; callers choose
     ``num_proposals`` so that this has negligible probability (documented there),
     which saves the loop's compile time for small arrays.
-
-    ``first_proposals`` (for large arrays; ``num_proposals`` and ``repair`` are then
-    unused): batches of that many proposals for every element in a while loop, until
-    every element has accepted one; each keeps its first accepted proposal, so this
-    is exact sequential rejection sampling. When nearly every element accepts within
-    the first batch, it does a fraction of the work of a large fixed batch, with
-    one copy of ``propose`` in the program.
     """
-    if first_proposals is not None:
-        def batch(carry):
-            i, done, value = carry
-            (u,) = uniforms(jax.random.fold_in(key, i), (num_uniforms, first_proposals) + tuple(shape), dtype=dtype)
-            acc, val = _first_accepted(propose, u, first_proposals)
-            return i + 1, done | acc, jnp.where(done, value, val)
-
-        start = (0, jnp.zeros(shape, bool), jnp.zeros(shape, dtype))
-        return jax.lax.while_loop(lambda c: ~jnp.all(c[1]), batch, start)[2]
     k_main, k_more = jax.random.split(key)
     (u,) = uniforms(k_main, (num_uniforms, num_proposals) + tuple(shape), dtype=dtype)
     done, value = _first_accepted(propose, u, num_proposals)
@@ -103,6 +86,65 @@ def rejection_sample(key, propose, shape, num_uniforms: int, num_proposals: int,
 
     _, _, value = jax.lax.while_loop(lambda c: ~jnp.all(c[1]), more, (0, done, value))
     return value
+
+
+#: Elements redrawn per round by ``rejection_sample_compact``: this share of the array (at least 1).
+REDRAW_SHARE = 8
+#: Proposals per redrawn element per round.
+REDRAW_PROPOSALS = 2
+
+
+def rejection_sample_compact(key, propose, params, num_uniforms: int, first_proposals: int, dtype):
+    """Exact elementwise rejection sampling for large arrays, redrawing only the rejected elements.
+
+    ``propose(u, *params)`` maps uniforms (num_uniforms, n, m) and parameters (m,) to
+    (accept, value), both (n, m). Every element first gets ``first_proposals``
+    proposals; then, in a while loop, the elements that have rejected all so far are
+    gathered (up to 1/``REDRAW_SHARE`` of the array per round, ``jnp.nonzero`` with a
+    static size) and get ``REDRAW_PROPOSALS`` fresh proposals each, until every element
+    has accepted one. Each element keeps its first accepted proposal: exact
+    sequential rejection sampling, at about ``first_proposals`` proposals per element
+    instead of a batch for the worst case. ``params`` broadcast to the output shape.
+    """
+    shape = jnp.broadcast_shapes(*(jnp.shape(p) for p in params))
+    size = math.prod(shape)
+    flat = [jnp.broadcast_to(p, shape).reshape(size) for p in params]
+    k_first, k_more = jax.random.split(key)
+    (u,) = uniforms(k_first, (num_uniforms, first_proposals, size), dtype=dtype)
+    done, value = _first_accepted(lambda u: propose(u, *flat), u, first_proposals)
+    capacity = max(1, size // REDRAW_SHARE)
+
+    def redraw(carry):
+        i, done, value = carry
+        idx = jnp.nonzero(~done, size=capacity, fill_value=size)[0]  # fill: out of range, dropped below
+        safe = jnp.minimum(idx, size - 1)
+        sub = [f[safe] for f in flat]
+        (u,) = uniforms(jax.random.fold_in(k_more, i), (num_uniforms, REDRAW_PROPOSALS, capacity), dtype=dtype)
+        acc, val = _first_accepted(lambda u: propose(u, *sub), u, REDRAW_PROPOSALS)
+        value = value.at[idx].set(jnp.where(acc, val, value[safe]), mode="drop")
+        return i + 1, done.at[idx].set(acc, mode="drop"), value
+
+    _, _, value = jax.lax.while_loop(lambda c: ~jnp.all(c[1]), redraw, (0, done, value))
+    return value.reshape(shape)
+
+
+def rejection_sample_rounds(key, propose, shape, num_uniforms: int, round_proposals: int, dtype):
+    """Exact elementwise rejection sampling in rounds of ``round_proposals`` proposals for EVERY element.
+
+    A while loop draws rounds until every element has accepted one proposal; each keeps
+    its first accepted one. One copy of ``propose`` in the program, so it compiles like a
+    single fixed batch; it costs more per element than ``rejection_sample_compact`` (a
+    second round redraws all elements), which fits arrays of ~10^4 elements whose compile
+    time matters more than a millisecond per draw (pi's entries).
+    """
+    def one_round(carry):
+        i, done, value = carry
+        (u,) = uniforms(jax.random.fold_in(key, i), (num_uniforms, round_proposals) + tuple(shape), dtype=dtype)
+        acc, val = _first_accepted(propose, u, round_proposals)
+        return i + 1, done | acc, jnp.where(done, value, val)
+
+    start = (0, jnp.zeros(shape, bool), jnp.zeros(shape, dtype))
+    return jax.lax.while_loop(lambda c: ~jnp.all(c[1]), one_round, start)[2]
 
 
 def _marsaglia_tsang(u: jax.Array, shape_param: jax.Array):
@@ -128,21 +170,28 @@ def _marsaglia_tsang(u: jax.Array, shape_param: jax.Array):
 
 def sample_log_gamma(
     key: jax.Array, shape_param: jax.Array, num_proposals: int = GAMMA_PROPOSALS, repair: bool = False,
-    first_proposals: int | None = None,
+    first_proposals: int | None = None, round_proposals: int | None = None,
 ) -> jax.Array:
     """log G with G ~ Gamma(shape_param, 1), elementwise, by Marsaglia-Tsang rejection.
 
     Loop-free by default: 16 proposals per variate, each accepted with probability
     > 0.95, so all are rejected with probability < 2e-21 per variate (then the
     last proposal is kept), far below float64 resolution of any moment. For large
-    per-frame arrays pass a few proposals and ``repair=True`` (exact, with a
-    while loop for the rare rejections). Cheap to compile, unlike
-    ``jax.random.gamma``'s per-element loops (about 1 s of compile each).
-    ``first_proposals``: exact, in batches of that many proposals (see ``rejection_sample``).
+    arrays pass ``first_proposals`` (per-frame scales: exact, only the rejected
+    variates redrawn, ``rejection_sample_compact``) or ``round_proposals`` (pi's S^2
+    entries: exact, rounds for every variate, ``rejection_sample_rounds``; compiles
+    faster); ``repair=True`` is the older exact variant, whose loop redraws every variate.
+    Cheap to compile, unlike ``jax.random.gamma``'s per-element loops (about 1 s of
+    compile each).
     """
+    if round_proposals is not None:
+        propose = functools.partial(_marsaglia_tsang, shape_param=shape_param)
+        return rejection_sample_rounds(key, propose, shape_param.shape, 3, round_proposals, shape_param.dtype)
+    if first_proposals is not None:
+        propose = lambda u, a: _marsaglia_tsang(u, shape_param=a)  # noqa: E731
+        return rejection_sample_compact(key, propose, (shape_param,), 3, first_proposals, shape_param.dtype)
     propose = functools.partial(_marsaglia_tsang, shape_param=shape_param)
-    return rejection_sample(key, propose, shape_param.shape, 3, num_proposals, shape_param.dtype, repair,
-                            first_proposals)
+    return rejection_sample(key, propose, shape_param.shape, 3, num_proposals, shape_param.dtype, repair)
 
 
 def sample_gamma(key: jax.Array, shape_param: jax.Array) -> jax.Array:
@@ -150,13 +199,13 @@ def sample_gamma(key: jax.Array, shape_param: jax.Array) -> jax.Array:
     return jnp.exp(sample_log_gamma(key, shape_param))
 
 
-def sample_log_dirichlet(key: jax.Array, concentration: jax.Array, first_proposals: int | None = None) -> jax.Array:
+def sample_log_dirichlet(key: jax.Array, concentration: jax.Array, round_proposals: int | None = None) -> jax.Array:
     """Log of a Dirichlet draw along the last axis, through log-gamma variates.
 
     Working in log space keeps tiny concentrations (``alpha * beta`` with a large
     ``kappa``) from underflowing to exact zeros (model spec 12.3).
     """
-    log_gammas = sample_log_gamma(key, concentration, first_proposals=first_proposals)
+    log_gammas = sample_log_gamma(key, concentration, round_proposals=round_proposals)
     return log_gammas - jax.nn.logsumexp(log_gammas, axis=-1, keepdims=True)
 
 

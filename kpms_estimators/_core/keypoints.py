@@ -8,20 +8,19 @@ Cd (O', P + 1) with O' = (K - 1) * D, Gamma (K, K - 1) the centring embedding.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .distributions import rejection_sample, sample_log_gamma
+from .distributions import rejection_sample_compact, sample_log_gamma
 
-#: Best-Fisher proposals pre-drawn per heading (more are drawn for the ~1.5% of frames
-#: that reject all of them; see ``sample_von_mises``).
-VON_MISES_PROPOSALS = 4
-#: Marsaglia-Tsang proposals pre-drawn per local noise scale (shape >= 1.5, each accepted
-#: with probability > 0.95; the rare rest are redrawn in a loop).
-SCALE_PROPOSALS = 3
+#: Best-Fisher proposals per heading in the first round (the ~12% of frames that reject
+#: both are redrawn; see ``sample_von_mises``).
+VON_MISES_PROPOSALS = 2
+#: Marsaglia-Tsang proposals per local noise scale in the first round (shape >= 1.5, each
+#: accepted with probability > 0.95; the rejected few are redrawn, ``rejection_sample_compact``).
+SCALE_PROPOSALS = 1
 
 
 def centring_embedding(num_keypoints: int) -> np.ndarray:
@@ -85,13 +84,14 @@ def _best_fisher(u: jax.Array, mean: jax.Array, concentration: jax.Array):
 def sample_von_mises(key, mean: jax.Array, concentration: jax.Array) -> jax.Array:
     """VonMises(mean, concentration) elementwise, exactly, by Best-Fisher rejection.
 
-    ``VON_MISES_PROPOSALS`` proposals are pre-drawn per element (each accepted
-    with probability > 0.65 at any concentration) and the rare elements that reject
-    all of them draw more in a loop. A concentration below 1e-8 gives a uniform
+    ``VON_MISES_PROPOSALS`` proposals per element first (each accepted with
+    probability > 0.65 at any concentration), then only the elements that rejected
+    them are redrawn, in a loop (``rejection_sample_compact``): 5.3 -> 2.1 ms for
+    4 x 3027 frames against 4 proposals for every frame plus a loop over all of them. A concentration below 1e-8 gives a uniform
     angle (the exact limit; spec 12.7). Output in (-pi, pi].
     """
-    propose = functools.partial(_best_fisher, mean=mean, concentration=concentration)
-    return rejection_sample(key, propose, mean.shape, 3, VON_MISES_PROPOSALS, mean.dtype, repair=True)
+    propose = lambda u, m, c: _best_fisher(u, mean=m, concentration=c)  # noqa: E731
+    return rejection_sample_compact(key, propose, (mean, concentration), 3, VON_MISES_PROPOSALS, mean.dtype)
 
 
 def wrap_angle(angle: jax.Array) -> jax.Array:
@@ -142,7 +142,7 @@ def noise_dof(num_dims: int, reference_compat: bool) -> int:
 def sample_local_scales(key, errors, s0, sigmasq, nu_s, dof) -> jax.Array:
     """s_tk ~ InvGamma((nu_s + dof)/2, (nu_s s0_tk + e_tk/sigmasq_k)/2), every frame (spec 4.6)."""
     shape = jnp.broadcast_to(jnp.asarray((nu_s + dof) / 2.0, errors.dtype), errors.shape)
-    chi2 = 2.0 * jnp.exp(sample_log_gamma(key, shape, num_proposals=SCALE_PROPOSALS, repair=True))
+    chi2 = 2.0 * jnp.exp(sample_log_gamma(key, shape, first_proposals=SCALE_PROPOSALS))
     return (nu_s * s0 + errors / sigmasq) / chi2
 
 
