@@ -80,3 +80,18 @@ def test_log_gamma_compact_redraw_rounds_overflow(shape):
     assert np.all(np.isfinite(draws))
     assert stats.kstest(draws, stats.loggamma(c=shape).cdf).pvalue > 1e-3
     assert abs(draws.mean() - digamma(shape)) <= 5 * np.sqrt(polygamma(1, shape) / draws.size)
+
+
+@pytest.mark.parametrize("mode", [dict(num_proposals=1, repair=True), dict(first_proposals=1),
+                                  dict(round_proposals=4)], ids=["repair", "compact", "rounds"])
+def test_rejection_loops_end_on_nan_parameters(mode):
+    """A NaN shape never accepts a proposal: the loops stop after MAX_REJECTION_ROUNDS and give
+    NaN there (which a fit's finiteness check catches), instead of looping forever; the
+    other variates are unaffected and finite."""
+    shapes = jnp.asarray([2.5, np.nan, 0.3, 40.0] * 8)
+    draw = jax.jit(lambda k, a: dist.sample_log_gamma(k, a, **mode))
+    with jax.enable_x64(True):
+        out = np.asarray(draw(jax.random.key(0), shapes.astype(jnp.float64)))
+    nan = np.isnan(np.asarray(shapes))
+    assert np.all(np.isnan(out[nan]))
+    assert np.all(np.isfinite(out[~nan]))

@@ -84,9 +84,21 @@ def rejection_sample(key, propose, shape, num_uniforms: int, num_proposals: int,
         acc, val = propose(u)
         return i + 1, done | acc[0], jnp.where(acc[0] & ~done, val[0], value)
 
-    _, _, value = jax.lax.while_loop(lambda c: ~jnp.all(c[1]), more, (0, done, value))
+    _, _, value = jax.lax.while_loop(_unfinished, more, (0, done, value))
     return value
 
+
+def _unfinished(carry) -> jax.Array:
+    """While-loop condition of the rejection loops: some element still unaccepted, rounds left."""
+    i, done, _ = carry
+    return ~jnp.all(done) & (i < MAX_REJECTION_ROUNDS)
+
+
+#: Most rounds any rejection loop runs. An element with finite parameters is still unaccepted
+#: after 64 rounds with probability below 0.35**64 ~ 1e-29 (the worst acceptance rate here is
+#: the von Mises sampler's 0.65); one with a NaN parameter never accepts, and the cap turns what
+#: would be an endless loop into a NaN draw, which the fit's finiteness check then catches.
+MAX_REJECTION_ROUNDS = 64
 
 #: Elements redrawn per round by ``rejection_sample_compact``: this share of the array (at least 1).
 REDRAW_SHARE = 8
@@ -124,7 +136,7 @@ def rejection_sample_compact(key, propose, params, num_uniforms: int, first_prop
         value = value.at[idx].set(jnp.where(acc, val, value[safe]), mode="drop")
         return i + 1, done.at[idx].set(acc, mode="drop"), value
 
-    _, _, value = jax.lax.while_loop(lambda c: ~jnp.all(c[1]), redraw, (0, done, value))
+    _, _, value = jax.lax.while_loop(_unfinished, redraw, (0, done, value))
     return value.reshape(shape)
 
 
@@ -143,8 +155,8 @@ def rejection_sample_rounds(key, propose, shape, num_uniforms: int, round_propos
         acc, val = _first_accepted(propose, u, round_proposals)
         return i + 1, done | acc, jnp.where(done, value, val)
 
-    start = (0, jnp.zeros(shape, bool), jnp.zeros(shape, dtype))
-    return jax.lax.while_loop(lambda c: ~jnp.all(c[1]), one_round, start)[2]
+    start = (0, jnp.zeros(shape, bool), jnp.full(shape, jnp.nan, dtype))
+    return jax.lax.while_loop(_unfinished, one_round, start)[2]
 
 
 def _marsaglia_tsang(u: jax.Array, shape_param: jax.Array):
