@@ -119,9 +119,12 @@ def test_ar_log_likelihoods_match_scipy():
         np.testing.assert_allclose(out[b], np_ar_loglik(x[b], Ab, Q, L), rtol=1e-10, atol=1e-10)
 
 
-def test_ar_sufficient_stats_match_loop():
+@pytest.mark.parametrize("chunk", [2048, 7, 54], ids=["one-block", "blocks-padded", "blocks-exact"])
+def test_ar_sufficient_stats_match_loop(chunk, monkeypatch):
     """Per-state sums over frames t >= L with mask_t = 1 and z_t = k; masked frames
-    (whatever their label) are excluded."""
+    (whatever their label) are excluded. Also in blocks of ``chunk`` frames (54 = 3 x 18
+    frames: one exact block; 7: blocks with a zero-weight padded tail)."""
+    monkeypatch.setattr(ar, "STATS_CHUNK", chunk)
     rng = np.random.default_rng(3)
     B, T, P, L, S = 3, 20, 2, 2, 4
     x = rng.normal(size=(B, T, P))

@@ -61,27 +61,42 @@ def label_mask(mask: jax.Array, n_lags: int) -> jax.Array:
     return mask[:, n_lags:]
 
 
-def masked_log_likes(data: ARHMMData, params: ARHMMParams, residual_dtype=None) -> jax.Array:
-    """Per-frame, per-state AR log-likelihoods, zero on padded frames: (B, T-L, S)
-    (``residual_dtype``: see ``ar_log_likelihoods``)."""
+def masked_log_likes(data: ARHMMData, params: ARHMMParams, residual_dtype=None, time_major: bool = False) -> jax.Array:
+    """Per-frame, per-state AR log-likelihoods, zero on padded frames: (B, T-L, S), or
+    (T-L, B, S) with ``time_major`` (``residual_dtype``: see ``ar_log_likelihoods``)."""
     n_lags = num_lags(params.ar)
-    ll = ar_log_likelihoods(data.x, params.ar, residual_dtype)
-    return ll * label_mask(data.mask, n_lags)[..., None].astype(ll.dtype)
+    ll = ar_log_likelihoods(data.x, params.ar, residual_dtype, time_major)
+    lmask = label_mask(data.mask, n_lags)
+    return ll * (lmask.T if time_major else lmask)[..., None].astype(ll.dtype)
 
 
-def sample_z(key: jax.Array, log_likes: jax.Array, pi: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """z | x, params by FFBS per segment (spec 3.5). Returns (z (B, N), marginal log-lik (B,))."""
-    u = jax.random.uniform(key, log_likes.shape[:2], log_likes.dtype)
-    return jax.vmap(hmm.sample_states_from_uniforms, in_axes=(0, 0, None))(u, log_likes, pi)
+def sample_z(key: jax.Array, log_likes: jax.Array, pi: jax.Array, time_major: bool = False) -> tuple[jax.Array, jax.Array]:
+    """z | x, params by FFBS per segment (spec 3.5). Returns (z (B, N), marginal log-lik (B,)).
+
+    ``log_likes``: (B, N, S), or (N, B, S) with ``time_major``: then the filter scans the
+    array as it is and its (N, B, S) output is the only other array of that size (at
+    10 x 18000 frames and 100 states the batch-major layout needs two more 144 MB copies).
+    The draws are the same in both layouts.
+    """
+    if not time_major:
+        u = jax.random.uniform(key, log_likes.shape[:2], log_likes.dtype)
+        return jax.vmap(hmm.sample_states_from_uniforms, in_axes=(0, 0, None))(u, log_likes, pi)
+    u = jax.random.uniform(key, (log_likes.shape[1], log_likes.shape[0]), log_likes.dtype)
+    draw = jax.vmap(hmm.sample_states_from_uniforms, in_axes=(1, 1, None), out_axes=(1, 0))
+    z, marginal = draw(u.T, log_likes, pi)
+    return z.T, marginal
 
 
-def log_likelihood_terms(z: jax.Array, log_likes: jax.Array, pi: jax.Array, mask: jax.Array) -> dict:
+def log_likelihood_terms(z: jax.Array, log_likes: jax.Array, pi: jax.Array, mask: jax.Array,
+                         time_major: bool = False) -> dict:
     """The reference's "z" and "x" terms (spec section 6) for a state path.
 
     z: sum_{t >= L+1} mask_t log pi[z_{t-1}, z_t];  x: sum_{t >= L} mask_t log N(x_t | AR_{z_t}).
+    z and mask are (B, N); ``log_likes`` (B, N, S), or (N, B, S) with ``time_major``.
     """
     lmask = mask.astype(log_likes.dtype)
-    x_term = jnp.sum(jnp.take_along_axis(log_likes, z[..., None], axis=-1)[..., 0] * lmask)
+    path, path_mask = (z.T, lmask.T) if time_major else (z, lmask)
+    x_term = jnp.sum(jnp.take_along_axis(log_likes, path[..., None], axis=-1)[..., 0] * path_mask)
     return {"z": transition_log_likelihood(z, pi, lmask), "x": x_term}
 
 
@@ -129,10 +144,10 @@ def sample_labels(key: jax.Array, params: ARHMMParams, data: ARHMMData) -> tuple
     log-likelihoods ("z", "x"), the marginal log-likelihood of x with z summed out
     ("marginal") and the number of states used ("n_used")."""
     TRACE_COUNTS["arhmm.sample_labels"] += 1
-    log_likes = masked_log_likes(data, params)
-    z, marginal = sample_z(key, log_likes, params.pi)
+    log_likes = masked_log_likes(data, params, time_major=True)
+    z, marginal = sample_z(key, log_likes, params.pi, time_major=True)
     lmask = label_mask(data.mask, num_lags(params.ar))
-    info = log_likelihood_terms(z, log_likes, params.pi, lmask)
+    info = log_likelihood_terms(z, log_likes, params.pi, lmask, time_major=True)
     info["marginal"] = jnp.sum(marginal)
     info["n_used"] = num_states_used(z, lmask, params.betas.shape[0])
     return z, info

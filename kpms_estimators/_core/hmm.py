@@ -72,16 +72,21 @@ def backward_sample(
 def backward_sample_from_uniforms(
     u: jax.Array, filtered_probs: jax.Array, trans_probs: jax.Array
 ) -> jax.Array:
-    """``backward_sample`` driven by one U(0, 1) variate per frame, ``u`` of shape (T,)."""
-    last = _categorical_from_uniform(u[-1], filtered_probs[-1])
+    """``backward_sample`` driven by one U(0, 1) variate per frame, ``u`` of shape (T,).
 
-    def step(next_state, args):
+    The scan runs over all frames with the transition column of the next state as its
+    carry (ones after the last frame): slicing ``filtered_probs[:-1]`` instead would copy
+    the whole (T, S) array.
+    """
+
+    def step(column, args):
         u_t, filt = args
-        state = _categorical_from_uniform(u_t, filt * trans_probs[:, next_state])
-        return state, state
+        state = _categorical_from_uniform(u_t, filt * column)
+        return trans_probs[:, state], state
 
-    _, states = jax.lax.scan(step, last, (u[:-1], filtered_probs[:-1]), reverse=True)
-    return jnp.concatenate([states, last[None]])
+    ones = jnp.ones(filtered_probs.shape[-1:], filtered_probs.dtype)
+    _, states = jax.lax.scan(step, ones, (u, filtered_probs), reverse=True)
+    return states
 
 
 def smoothed_probs(log_likes: jax.Array, trans_probs: jax.Array) -> jax.Array:

@@ -147,8 +147,9 @@ def param_stats(state: KeypointState, data: KeypointData, hypers: KeypointHypers
 def sample_labels(key, state: KeypointState, data: KeypointData) -> jax.Array:
     """z | x, params by FFBS per segment (spec 3.5)."""
     TRACE_COUNTS["keypoint_slds.sample_labels"] += 1
-    log_likes = arhmm.masked_log_likes(arhmm.ARHMMData(state.x, data.mask), state.params.ar, LABEL_RESIDUAL_DTYPE)
-    return arhmm.sample_z(key, log_likes, state.params.pi)[0]
+    data = arhmm.ARHMMData(state.x, data.mask)
+    log_likes = arhmm.masked_log_likes(data, state.params.ar, LABEL_RESIDUAL_DTYPE, time_major=True)
+    return arhmm.sample_z(key, log_likes, state.params.pi, time_major=True)[0]
 
 
 def emission_switches(switches: Switches) -> Switches:
