@@ -156,3 +156,12 @@ def test_compiler_options_drop_what_jaxlib_rejects(monkeypatch):
     # a program compiled with what is left runs
     double = _base.compiled(lambda x: 2 * x)
     assert float(double(np.ones(1))[0]) == 2.0
+    # per-program extras (REDUCTION_OPTIONS) go through the same filter
+    extra = {"xla_cpu_no_such_option_kpms_2": 1, **_base.REDUCTION_OPTIONS["cpu"]}
+    with_extra = _base.compiler_options("cpu", extra)
+    assert "xla_cpu_no_such_option_kpms_2" not in with_extra
+    assert set(accepted) <= set(with_extra) <= set(options) | set(extra)
+    import jax.numpy as jnp
+
+    sum_of_squares = _base.compiled(lambda x: jnp.sum(jnp.cos(x) ** 2), options=_base.REDUCTION_OPTIONS)
+    assert float(sum_of_squares(np.zeros(3))) == 3.0

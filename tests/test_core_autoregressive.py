@@ -119,6 +119,26 @@ def test_ar_log_likelihoods_match_scipy():
         np.testing.assert_allclose(out[b], np_ar_loglik(x[b], Ab, Q, L), rtol=1e-10, atol=1e-10)
 
 
+def test_ar_path_and_time_major_log_likelihoods_match_scipy():
+    """Along a state path: log N(x_t | A_{z_t} xbar_t + b, Q_{z_t}); and the time-major layout
+    of the all-states log-likelihoods is the transpose of the batch-major one."""
+    rng = np.random.default_rng(5)
+    S, P, L, T = 4, 3, 2, 9
+    x = rng.normal(size=(2, T, P))
+    z = rng.integers(0, S, size=(2, T - L))
+    Ab = rng.normal(scale=0.5, size=(S, P, L * P + 1))
+    Q = np.stack([random_spd(rng, P, 0.3) for _ in range(S)])
+    with jax.enable_x64(True):
+        params = ar.ARParams(jnp.asarray(Ab), jnp.asarray(Q))
+        path = np.asarray(ar.ar_path_log_likelihoods(jnp.asarray(x), jnp.asarray(z, jnp.int32), params))
+        both = [np.asarray(ar.ar_log_likelihoods(jnp.asarray(x), params, time_major=tm)) for tm in (False, True)]
+    assert path.shape == (2, T - L)
+    for b in range(2):
+        expected = np_ar_loglik(x[b], Ab, Q, L)
+        np.testing.assert_allclose(path[b], expected[np.arange(T - L), z[b]], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(both[1], np.swapaxes(both[0], 0, 1), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk", [2048, 7, 54], ids=["one-block", "blocks-padded", "blocks-exact"])
 def test_ar_sufficient_stats_match_loop(chunk, monkeypatch):
     """Per-state sums over frames t >= L with mask_t = 1 and z_t = k; masked frames

@@ -73,25 +73,36 @@ COMPILER_OPTIONS = {
     },
 }
 
+#: Extra CPU options for programs made mostly of elementwise work reduced to sums (``compiled``'s
+#: ``cpu_options``): XLA's default hands such fusions to its YNNPACK library path, which runs
+#: them in one thread and materialises their broadcasts. Without it, the keypoint sweep's
+#: log-likelihood terms take 22 ms instead of 65 ms (temporary memory 19 instead of 83 MB) at
+#: 10 x 18000 frames. Not for everything: the label draw's float32 residual matmul is about
+#: 40% slower without it (benchmarks/README.md, session 7).
+REDUCTION_OPTIONS = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
 _ACCEPTED_OPTIONS: dict = {}
 
 
-def compiler_options(backend: str) -> dict | None:
-    """``COMPILER_OPTIONS[backend]`` less the options this jaxlib rejects (probed once per backend).
+def compiler_options(backend: str, extra: dict | None = None) -> dict | None:
+    """``COMPILER_OPTIONS[backend]`` (updated by ``extra``) less the options this jaxlib rejects.
 
     XLA renames and retires its debug options between releases; an unknown one fails
-    every compile, so each is tried on a one-element program first.
+    every compile, so each (name, value) is tried on a one-element program first, once.
     """
-    if backend not in _ACCEPTED_OPTIONS:
-        accepted = {}
-        for name, value in COMPILER_OPTIONS.get(backend, {}).items():
+    wanted = {**COMPILER_OPTIONS.get(backend, {}), **(extra or {})}
+    accepted = {}
+    for name, value in wanted.items():
+        key = (backend, name, repr(value))
+        if key not in _ACCEPTED_OPTIONS:
             try:
                 jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(np.zeros(1)).compile()
+                _ACCEPTED_OPTIONS[key] = True
             except Exception:  # noqa: BLE001  (XLA raises its own runtime error type)
-                continue
+                _ACCEPTED_OPTIONS[key] = False
+        if _ACCEPTED_OPTIONS[key]:
             accepted[name] = value
-        _ACCEPTED_OPTIONS[backend] = accepted or None
-    return _ACCEPTED_OPTIONS[backend]
+    return accepted or None
 
 
 def _malloc_trim():
@@ -118,8 +129,9 @@ def release_free_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def compiled(fun, **jit_kwargs):
-    """``jax.jit(fun, **jit_kwargs)`` with the ``COMPILER_OPTIONS`` of the default backend.
+def compiled(fun, options: dict | None = None, **jit_kwargs):
+    """``jax.jit(fun, **jit_kwargs)`` with the ``COMPILER_OPTIONS`` of the default backend,
+    updated by ``options[backend]`` (e.g. ``REDUCTION_OPTIONS``).
 
     The backend is looked up at the first call (not at import), so importing the
     package never initialises JAX's backends and the same code runs on a GPU.
@@ -129,7 +141,8 @@ def compiled(fun, **jit_kwargs):
     def for_backend():
         backend = jax.default_backend()
         if backend not in jitted:
-            jitted[backend] = jax.jit(fun, compiler_options=compiler_options(backend), **jit_kwargs)
+            extra = (options or {}).get(backend)
+            jitted[backend] = jax.jit(fun, compiler_options=compiler_options(backend, extra), **jit_kwargs)
         return jitted[backend]
 
     @functools.wraps(fun)

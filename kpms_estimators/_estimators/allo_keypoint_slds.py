@@ -5,15 +5,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .._core import allo
-from ._base import compiled
+from ._base import REDUCTION_OPTIONS, compiled
 from .keypoint_slds import _PARTS as _KEYPOINT_PARTS
 from .keypoint_slds import KeypointSLDS, _Kernels
 
 _PARTS = allo.SweepParts(
     allo_params=compiled(allo.redraw_allo_params),
     labels=compiled(allo.sample_labels),
-    emission=compiled(allo.sample_emission, static_argnames="switches"),
-    info=compiled(allo.sweep_info),
+    emission=compiled(allo.sample_emission, options=REDUCTION_OPTIONS, static_argnames="switches"),
+    info=compiled(allo.sweep_info, options=REDUCTION_OPTIONS),
 )
 
 

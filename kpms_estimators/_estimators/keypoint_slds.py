@@ -16,7 +16,7 @@ from .._core import arhmm as ar_core
 from .._core import keypoint_slds as core
 from .._core.autoregressive import make_ar_prior
 from .._core.keypoints import centring_embedding
-from ._base import GibbsEstimator, _fingerprint, compiled, float64
+from ._base import REDUCTION_OPTIONS, GibbsEstimator, _fingerprint, compiled, float64
 from .arhmm import params_given_stats
 
 #: The sweep's pieces, each compiled once per shape and shared: the AR-only and the full
@@ -26,8 +26,8 @@ _PARTS = core.SweepParts(
     param_stats=compiled(core.param_stats),
     params_given_stats=params_given_stats,
     labels=compiled(core.sample_labels),
-    emission=compiled(core.sample_emission, static_argnames="switches"),
-    info=compiled(core.sweep_info),
+    emission=compiled(core.sample_emission, options=REDUCTION_OPTIONS, static_argnames="switches"),
+    info=compiled(core.sweep_info, options=REDUCTION_OPTIONS),
     noise_scales=compiled(core.resample_noise_scales, static_argnames="reference_compat"),
 )
 
