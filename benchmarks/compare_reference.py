@@ -3,6 +3,7 @@
     python benchmarks/compare_reference.py --quick          # < 10 min on 2 cores
     python benchmarks/compare_reference.py                  # full: adds 10 x 18000 frames and B-SOiD
     python benchmarks/compare_reference.py --rows 10x18000  # only the datasets whose name contains this
+    python benchmarks/compare_reference.py --quick --repeat 3  # medians of 3 alternated runs per side
 
 The reference (keypoint-moseq 0.8.1 on jax/jaxlib 0.6.2, float64) is installed on
 first use into ``benchmarks/.reference-venv`` (ignored by git; nothing of it is
@@ -162,7 +163,12 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
                         help="run only the datasets whose name contains one of these (e.g. 10x18000 bsoid)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run ours and the reference (seed 0) N times each, alternating, and report the medians "
+                             "(on a shared VM one run of either side can be 25%% off its median)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     timeout = args.timeout or (400 if args.quick else 3600)
     RESULTS.mkdir(exist_ok=True)
     reference_python = ensure_reference()
@@ -170,7 +176,8 @@ def main():
     rows = [r for r in plan(args.quick) if args.rows is None or any(t in r[0] for t in args.rows)]
     if not rows:
         sys.exit(f"no dataset matches --rows {' '.join(args.rows)}; names: {[r[0] for r in plan(args.quick)]}")
-    out = Path(args.out) if args.out else RESULTS / f"compare{suffix}{'-' + '-'.join(args.rows) if args.rows else ''}.json"
+    tag = ("-" + "-".join(args.rows) if args.rows else "") + (f"-x{args.repeat}" if args.repeat > 1 else "")
+    out = Path(args.out) if args.out else RESULTS / f"compare{suffix}{tag}.json"
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
               "command": " ".join(["python", "benchmarks/compare_reference.py", *sys.argv[1:]]), "rows": {}}
     for name, write, settings, write_new, seeds in rows:
@@ -181,10 +188,17 @@ def main():
         data_path = write(RESULTS / f"{slug}.npz")
         if write_new is not None:
             settings = dict(settings, new_data=str(write_new(RESULTS / f"{slug}_new.npz")))
-        print(f"{name}: running ours ...", flush=True)
-        row = {"settings": settings, "ours": run_side(sys.executable, "ours", data_path, settings,
-                                                       f"{slug}{suffix}_ours", timeout), "reference": []}
-        for seed in seeds:
+        runs = {"ours": [], "reference": []}
+        for i in range(args.repeat):  # alternated, so that a slow spell of the machine hits both sides
+            rep = f"-r{i}" if args.repeat > 1 else ""
+            print(f"{name}: running ours{f' (run {i + 1} of {args.repeat})' if rep else ''} ...", flush=True)
+            runs["ours"].append(run_side(sys.executable, "ours", data_path, settings, f"{slug}{suffix}_ours{rep}", timeout))
+            print(f"{name}: running the reference (seed {seeds[0]}{f', run {i + 1} of {args.repeat}' if rep else ''}) ...",
+                  flush=True)
+            runs["reference"].append(run_side(reference_python, "reference", data_path, dict(settings, seed=seeds[0]),
+                                              f"{slug}{suffix}_reference{seeds[0]}{rep}", timeout))
+        row = {"settings": settings, "ours": _median_run(runs["ours"]), "reference": [_median_run(runs["reference"])]}
+        for seed in seeds[1:]:
             print(f"{name}: running the reference (seed {seed}) ...", flush=True)
             row["reference"].append(run_side(reference_python, "reference", data_path, dict(settings, seed=seed),
                                              f"{slug}{suffix}_reference{seed}", timeout))
@@ -193,6 +207,10 @@ def main():
         ref = row["reference"][0]
         row["ratio"] = {k: row["ours"][k] / ref[k] for k in RATIO_KEYS
                         if row["ours"].get(k) and ref.get(k) and ref[k] > 0}
+        if args.repeat > 1:  # ratio of each alternated pair, to show the spread behind the medians
+            pairs = [(o, r) for o, r in zip(runs["ours"], runs["reference"]) if o.get("status") == r.get("status") == "ok"]
+            row["ratio_range"] = {k: [min(o[k] / r[k] for o, r in pairs), max(o[k] / r[k] for o, r in pairs)]
+                                  for k in row["ratio"] if pairs and all(o.get(k) and r.get(k) for o, r in pairs)}
         for side in [row["ours"], *row["reference"]]:
             side.pop("syllables", None)
         report["rows"][name] = row
@@ -201,14 +219,32 @@ def main():
     print(f"\nwritten: {out}")
 
 
+def _median_run(results):
+    """One side's result over repeated runs: the first run, with each timing and memory key replaced
+    by its median over the runs; a run that hung or failed is reported instead (no median of partial runs)."""
+    bad = [r for r in results if r.get("status") != "ok"]
+    if bad:
+        return bad[0]
+    merged = dict(results[0])
+    if len(results) > 1:
+        for key in RATIO_KEYS:
+            values = [r[key] for r in results if r.get(key) is not None]
+            if values:
+                merged[key] = float(np.median(values))
+                merged[f"{key}_runs"] = values
+    return merged
+
+
 def _print_row(name, row):
     ours, ref = row["ours"], row["reference"][0]
+    spread = row.get("ratio_range", {})
     print(f"\n== {name}  (ours: {ours.get('status')}, reference: {ref.get('status')})")
-    print(f"{'quantity':32s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
+    print(f"{'quantity':32s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}" + ("  pair ratios" if spread else ""))
     for key in RATIO_KEYS:
         a, b = ours.get(key), ref.get(key)
         ratio = row["ratio"].get(key)
-        print(f"{key:32s} {_fmt(a):>10s} {_fmt(b):>10s} {_fmt(ratio):>7s}")
+        extra = f"  {_fmt(spread[key][0])}-{_fmt(spread[key][1])}" if key in spread else ""
+        print(f"{key:32s} {_fmt(a):>10s} {_fmt(b):>10s} {_fmt(ratio):>7s}{extra}")
     for key, value in row["agreement"].items():
         print(f"{key:45s} {value:.3f}")
     for side in [ours, *row["reference"]]:

@@ -95,3 +95,14 @@ def test_rejection_loops_end_on_nan_parameters(mode):
     nan = np.isnan(np.asarray(shapes))
     assert np.all(np.isnan(out[nan]))
     assert np.all(np.isfinite(out[~nan]))
+
+
+@pytest.mark.parametrize("count", [1, 5, 40])
+def test_true_positions_match_nonzero(count):
+    """``_true_positions`` is ``jnp.nonzero(size=count, fill_value=n)``: fewer, as many and more
+    True entries than slots, none at all, and all."""
+    rng = np.random.default_rng(count)
+    for flags in (rng.random(37) < 0.3, np.zeros(37, bool), np.ones(37, bool), rng.random(37) < 0.9):
+        flags = jnp.asarray(flags)
+        expected = jnp.nonzero(flags, size=count, fill_value=flags.size)[0]
+        np.testing.assert_array_equal(np.asarray(dist._true_positions(flags, count)), np.asarray(expected))

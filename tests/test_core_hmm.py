@@ -227,3 +227,36 @@ def test_backward_sampling_whole_path_distribution():
         obs, exp = obs[:-1], exp[:-1]
     pvalue = stats.chisquare(obs, exp).pvalue
     assert pvalue > 1e-4, pvalue
+
+
+@pytest.mark.parametrize("num", [1, 2, 3, 7, 10, 17, 100])
+def test_categorical_inversion_matches_the_cumulative_sum(num):
+    """The two-level inversion returns searchsorted(cdf, u * total, 'right') of the float64 cdf
+    (away from rounding-level ties), never a zero-weight index, for state counts that are and are
+    not perfect squares, with zero weights inside, at the ends and in whole blocks."""
+    rng = np.random.default_rng(num)
+    weights = rng.uniform(0.0, 1.0, size=num)
+    if num >= 3:
+        weights[rng.choice(num, size=num // 3, replace=False)] = 0.0
+        weights[-1] = 0.0
+        weights[0] = max(weights[0], 0.1)
+    if num >= 17:
+        weights[5:10] = 0.0  # a whole block of 5 (size ceil(sqrt(17)) = 5)
+    u = np.concatenate([rng.uniform(size=4000), [0.0, 1.0 - 2.0**-53]])
+    with jax.enable_x64(True):
+        draw = jax.jit(jax.vmap(hmm._categorical_from_uniform, in_axes=(0, None)))
+        got = np.asarray(draw(jnp.asarray(u), jnp.asarray(weights)))
+    cdf = np.cumsum(weights)
+    expected = np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), num - 1)
+    near_tie = np.min(np.abs(cdf[None, :] - (u * cdf[-1])[:, None]), axis=1) < 1e-12
+    np.testing.assert_array_equal(got[~near_tie], expected[~near_tie])
+    assert np.all(weights[got] > 0)
+    # frequencies match the normalised weights (chi-square on 20000 uniforms)
+    u = rng.uniform(size=20_000)
+    with jax.enable_x64(True):
+        counts = np.bincount(np.asarray(draw(jnp.asarray(u), jnp.asarray(weights))), minlength=num)
+    support = weights > 0
+    if support.sum() > 1:
+        p = stats.chisquare(counts[support], 20_000 * weights[support] / weights.sum()).pvalue
+        assert p > 1e-4, p
+    assert counts[~support].sum() == 0
