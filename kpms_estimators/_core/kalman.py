@@ -287,30 +287,25 @@ def _predict(step: _Steps, filt):
 def _update(obs_R, obs_w, obs_const, pred):
     """Condition [Cov | mean] (A, A+1) on the newest block's pseudo-observation w = R x + N(0, I).
 
-    With U = R Cov[new, :] and e = w - R mean_new, S = R Cov_new R^T + I >= I is
-    eliminated by Gauss-Jordan without pivoting (its pivots are >= 1) on
-    [S | U | e], giving S^{-1} [U | e] and log det S in P fused steps. Returns the
-    filtered [Cov - U^T S^{-1} U | mean + U^T S^{-1} e] and log p(ytil_tau | past) =
-    log N(w; R mean_new, S) + (P/2) log 2 pi + const.
+    With U = R Cov[new, :] and e = w - R mean_new, S = R Cov_new R^T + I >= I has a
+    Cholesky factor S = L L^T whose pivots are >= 1 (unrolled, ``_chol_inv_small``);
+    with [V | f] = L^{-1} [U | e] the filtered moments are [Cov - V^T V | mean + V^T f]
+    and log p(ytil_tau | past) = log N(w; R mean_new, S) + (P/2) log 2 pi + const
+    = const - |f|^2 / 2 - sum log diag L. (A Gauss-Jordan elimination of [S | U | e]
+    gives the same numbers but compiles to one dependent kernel per pivot: 4.1-5.6 ->
+    3.3 us per filter step at P = 4, L = 3.)
     """
     latent_dim = obs_R.shape[-1]
     lifted = pred.shape[0]
     rc = _mm(obs_R, pred[lifted - latent_dim :, :])  # [R Cov_new,: | R mean_new], (P, A+1)
     s = _mm_nt(rc[:, lifted - latent_dim : lifted], obs_R) + jnp.eye(latent_dim, dtype=pred.dtype)
-    rhs = jnp.concatenate([rc[:, :lifted], (obs_w - rc[:, lifted])[:, None]], axis=1)
-    aug = jnp.concatenate([s, rhs], axis=1)
-    idx = jnp.arange(latent_dim)
-    log_det = jnp.zeros((), pred.dtype)
-    for j in range(latent_dim):
-        pivot = aug[j, j]
-        log_det = log_det + jnp.log(pivot)
-        row = aug[j] / pivot
-        col = jnp.where(idx == j, 0.0, aug[:, j])
-        aug = jnp.where((idx == j)[:, None], row[None, :], aug - col[:, None] * row[None, :])
-    sol = aug[:, latent_dim:]  # S^{-1} [U | e]
-    upd = _mm_tn(rhs[:, :lifted], sol)  # [U^T S^{-1} U | U^T S^{-1} e]
+    rhs = jnp.concatenate([rc[:, :lifted], (obs_w - rc[:, lifted])[:, None]], axis=1)  # [U | e]
+    low, low_inv = _chol_inv_small(s)
+    white = _mm(low_inv, rhs)  # [V | f]
+    upd = _mm_tn(white[:, :lifted], white)  # [V^T V | V^T f]
     filt = pred + jnp.concatenate([-upd[:, :lifted], upd[:, lifted:]], axis=1)
-    log_pred = obs_const - 0.5 * jnp.sum(rhs[:, lifted] * sol[:, lifted]) - 0.5 * log_det
+    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(low)))
+    log_pred = obs_const - 0.5 * jnp.sum(white[:, lifted] ** 2) - 0.5 * log_det
     return filt, log_pred
 
 
