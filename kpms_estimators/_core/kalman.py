@@ -287,25 +287,32 @@ def _predict(step: _Steps, filt):
 def _update(obs_R, obs_w, obs_const, pred):
     """Condition [Cov | mean] (A, A+1) on the newest block's pseudo-observation w = R x + N(0, I).
 
-    With U = R Cov[new, :] and e = w - R mean_new, S = R Cov_new R^T + I >= I has a
-    Cholesky factor S = L L^T whose pivots are >= 1 (unrolled, ``_chol_inv_small``);
-    with [V | f] = L^{-1} [U | e] the filtered moments are [Cov - V^T V | mean + V^T f]
-    and log p(ytil_tau | past) = log N(w; R mean_new, S) + (P/2) log 2 pi + const
-    = const - |f|^2 / 2 - sum log diag L. (A Gauss-Jordan elimination of [S | U | e]
-    gives the same numbers but compiles to one dependent kernel per pivot: 4.1-5.6 ->
-    3.3 us per filter step at P = 4, L = 3.)
+    The P rows of w are independent unit-variance scalar observations, so they are
+    absorbed one at a time (the same posterior and the same predictive density by
+    the chain rule): with r the row's coefficients on the newest block,
+    v = Cov r^T, s = r Cov_new r^T + 1 >= 1 and e = w_j - r mean_new,
+    [Cov | mean] += v [-v^T | e] / s and log p += -(e^2 / s + log s) / 2.
+    Returns the filtered [Cov | mean] and log p(ytil_tau | past) = log N(w; R mean_new,
+    R Cov_new R^T + I) + (P/2) log 2 pi + const.
+
+    Each row is one fused kernel and no factorisation is needed: XLA:CPU runs a filter
+    step as 16 kernels this way against 23 with a Cholesky factor of the P x P
+    innovation covariance (each factor entry became its own scalar kernel), and one
+    kernel per pivot with a Gauss-Jordan elimination; the filter step is ~20% faster
+    than with the latter at P = 4, L = 3 (docs/notes.md).
     """
     latent_dim = obs_R.shape[-1]
     lifted = pred.shape[0]
-    rc = _mm(obs_R, pred[lifted - latent_dim :, :])  # [R Cov_new,: | R mean_new], (P, A+1)
-    s = _mm_nt(rc[:, lifted - latent_dim : lifted], obs_R) + jnp.eye(latent_dim, dtype=pred.dtype)
-    rhs = jnp.concatenate([rc[:, :lifted], (obs_w - rc[:, lifted])[:, None]], axis=1)  # [U | e]
-    low, low_inv = _chol_inv_small(s)
-    white = _mm(low_inv, rhs)  # [V | f]
-    upd = _mm_tn(white[:, :lifted], white)  # [V^T V | V^T f]
-    filt = pred + jnp.concatenate([-upd[:, :lifted], upd[:, lifted:]], axis=1)
-    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(low)))
-    log_pred = obs_const - 0.5 * jnp.sum(white[:, lifted] ** 2) - 0.5 * log_det
+    newest = pred[lifted - latent_dim :]  # rows of [Cov | mean] for the newest block, (P, A+1)
+    filt, log_pred = pred, obs_const
+    for j in range(latent_dim):
+        row = obs_R[j]
+        v = sum(row[k] * newest[k] for k in range(latent_dim))  # [Cov r^T | r mean_new], (A+1,)
+        s = jnp.sum(v[lifted - latent_dim : lifted] * row) + 1.0
+        e = obs_w[j] - v[lifted]
+        filt = filt + v[:lifted, None] * jnp.concatenate([-v[:lifted], e[None]])[None, :] / s
+        newest = filt[lifted - latent_dim :]
+        log_pred = log_pred - 0.5 * (e * e / s + jnp.log(s))
     return filt, log_pred
 
 
