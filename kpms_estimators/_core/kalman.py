@@ -28,8 +28,9 @@ Implementation notes (CPU, jax 0.10):
   unrolled sums of broadcast products (``_mm``), which XLA fuses.
 - Filter state is the augmented matrix [Cov | mean] (A, A+1), so the covariance
   and the mean share every product.
-- Predicted moments and F Cov are emitted by the forward scan; backward gains and
-  backward-conditional factors are then computed for all steps at once, and the
+- Filtered and predicted moments are emitted by the forward scan (F Cov is rebuilt
+  from the filtered ones: all but its newest row block are slices of Cov); backward
+  gains and backward-conditional factors are then computed for all steps at once, and the
   backward pass is the affine recursion X_t' = E_t' X_{t'+1} + g_t', run by
   ``lax.scan`` (serial) or ``lax.associative_scan`` (parallel).
 - The all-steps backward arrays are (N, A, A); once they outgrow the CPU caches
@@ -129,30 +130,50 @@ def _chol_inv_small(mat):
 def _block_cholesky(mat, size):
     """Lower Cholesky factor of SPD ``mat`` (..., n, n), n a multiple of ``size``, by blocks.
 
-    Returns the factor and the inverses of its diagonal blocks (for ``_block_solve``).
+    Returns the factor as its block columns, ``[(diag_k, below_k), ...]`` with the
+    diagonal block L_kk (..., size, size) and the blocks under it stacked,
+    (..., n - (k+1) size, size): the zero blocks above the diagonal are never
+    formed. Also returns the inverses of the diagonal blocks (for ``_block_solve``).
     """
     n = mat.shape[-1]
     cols, invs, rest = [], [], mat
-    for k in range(n // size):
+    for _ in range(n // size):
         diag, inv = _chol_inv_small(rest[..., :size, :size])
-        panel = _mm_nt(rest[..., size:, :size], inv)
-        rest = rest[..., size:, size:] - _mm_nt(panel, panel)
-        zeros = jnp.zeros(mat.shape[:-2] + (k * size, size), mat.dtype)
-        cols.append(jnp.concatenate([zeros, diag, panel], axis=-2))
+        below = _mm_nt(rest[..., size:, :size], inv)
+        rest = rest[..., size:, size:] - _mm_nt(below, below)
+        cols.append((diag, below))
         invs.append(inv)
-    return jnp.concatenate(cols, axis=-1), invs
+    return cols, invs
 
 
-def _block_solve(chol, invs, rhs):
-    """Solve L X = rhs by block forward substitution, with a factor from ``_block_cholesky``."""
-    size = invs[0].shape[-1]
+def _factor_block(cols, row, col):
+    """Block (row, col), row > col, of a factor from ``_block_cholesky``."""
+    size = cols[col][0].shape[-1]
+    return cols[col][1][..., (row - col - 1) * size : (row - col) * size, :]
+
+
+def _block_solve(cols, invs, rhs):
+    """Solve L X = rhs by block forward substitution, with a factor from ``_block_cholesky``
+    and ``rhs`` given as its row blocks (a list of (..., size, m) arrays)."""
     sol = []
     for k, inv in enumerate(invs):
-        r = rhs[..., k * size : (k + 1) * size, :]
-        if k:
-            r = r - _mm(chol[..., k * size : (k + 1) * size, : k * size], jnp.concatenate(sol, axis=-2))
+        r = rhs[k]
+        for j in range(k):
+            r = r - _mm(_factor_block(cols, k, j), sol[j])
         sol.append(_mm(inv, r))
     return jnp.concatenate(sol, axis=-2)
+
+
+def _block_mv(cols, x):
+    """L x for a factor from ``_block_cholesky`` and vectors x (..., n)."""
+    size = cols[0][0].shape[-1]
+    out = []
+    for k, (diag, _) in enumerate(cols):
+        acc = _mv(diag, x[..., k * size : (k + 1) * size])
+        for j in range(k):
+            acc = acc + _mv(_factor_block(cols, k, j), x[..., j * size : (j + 1) * size])
+        out.append(acc)
+    return jnp.concatenate(out, axis=-1)
 
 
 def _cholesky_rolled(mat):
@@ -308,7 +329,7 @@ def _update(obs_R, obs_w, obs_const, pred):
     for j in range(latent_dim):
         row = obs_R[j]
         v = sum(row[k] * newest[k] for k in range(latent_dim))  # [Cov r^T | r mean_new], (A+1,)
-        s = jnp.sum(v[lifted - latent_dim : lifted] * row) + 1.0
+        s = sum(v[lifted - latent_dim + k] * row[k] for k in range(latent_dim)) + 1.0  # no reduce: fuses
         e = obs_w[j] - v[lifted]
         filt = filt + v[:lifted, None] * jnp.concatenate([-v[:lifted], e[None]])[None, :] / s
         newest = filt[lifted - latent_dim :]
@@ -331,8 +352,8 @@ def _initial_state(obs: _PseudoObs, n_lags, latent_dim, dtype):
 
 
 # --------------------------------------------------------------------------- #
-# Forward filters. Both return, for t' = 0..N-1, the filtered [Cov | mean] of X_t',
-# F_t' [Cov | mean] and the predicted [Cov^- | mean^-] of X_{t'+1} (each (N, A, A+1)),
+# Forward filters. Both return, for t' = 0..N-1, the filtered [Cov | mean] of X_t'
+# and the predicted [Cov^- | mean^-] of X_{t'+1} (each (N, A, A+1)),
 # and the sum of the log predictive densities of frames L..T-1.
 # --------------------------------------------------------------------------- #
 def _filter_serial(steps: _Steps, obs: _PseudoObs, filt0):
@@ -340,12 +361,12 @@ def _filter_serial(steps: _Steps, obs: _PseudoObs, filt0):
 
     def body(filt, args):
         step, obs_R, obs_w, obs_const = args
-        f_filt, pred = _predict(step, filt)
+        _, pred = _predict(step, filt)
         new, log_pred = _update(obs_R, obs_w, obs_const, pred)
-        return new, (filt, f_filt, pred, log_pred)
+        return new, (filt, pred, log_pred)
 
-    _, (filts, f_filts, preds, lls) = jax.lax.scan(body, filt0, (steps, *obs))
-    return filts, f_filts, preds, jnp.sum(lls)
+    _, (filts, preds, lls) = jax.lax.scan(body, filt0, (steps, *obs))
+    return filts, preds, jnp.sum(lls)
 
 
 def _filter_element(step: _Steps, obs_R, obs_w):
@@ -419,15 +440,15 @@ def _filter_parallel(steps: _Steps, obs: _PseudoObs, filt0):
     )
     _, means, covs, _, _ = jax.lax.associative_scan(_combine_filter, elems)
     filts = jnp.concatenate([covs, means[..., None]], axis=-1)
-    f_filts, preds = jax.vmap(_predict)(steps, filts)
+    _, preds = jax.vmap(_predict)(steps, filts)
     _, lls = jax.vmap(_update)(*obs, preds)
-    return filts, f_filts, preds, jnp.sum(lls)
+    return filts, preds, jnp.sum(lls)
 
 
 # --------------------------------------------------------------------------- #
 # Backward sampling
 # --------------------------------------------------------------------------- #
-def _backward_elements(steps: _Steps, filts, f_filts, preds, normals, jitter):
+def _backward_elements(steps: _Steps, filts, preds, normals, jitter):
     """(E, g) with X_t' = E_t' X_{t'+1} + g_t' (noise included), all steps at once.
 
     p(X_t' | X_{t'+1}, y_{0:tau}) = N(m + G (X_{t'+1} - m^-), C) with
@@ -438,7 +459,11 @@ def _backward_elements(steps: _Steps, filts, f_filts, preds, normals, jitter):
     size = steps.Q.shape[-1]
     lifted = filts.shape[-2]
     chol, invs = _keep(_block_cholesky(preds[:, :, :lifted], size))  # Cov^- = L L^T
-    white = _keep(_block_solve(chol, invs, f_filts[:, :, :lifted]))  # L^{-1} F Cov
+    # row blocks of F Cov: the copied blocks are slices of Cov, only the newest is a product
+    covs = filts[:, :, :lifted]
+    f_cov = [steps.shift[:, None, None] * covs[:, (k + 1) * size : (k + 2) * size] for k in range(lifted // size - 1)]
+    f_cov.append(_mm(steps.A_row, covs))
+    white = _keep(_block_solve(chol, invs, f_cov))  # L^{-1} F Cov
     cond_cov = _keep(_sym(filts[:, :, :lifted] - _mm_tn(white, white)))
     # G = C F^T Qb^{-1} = [shift C_{:, P:} / copy_var | C A_row^T Q^{-1}]
     _, q_inv_chol = _chol_inv_small(steps.Q)
@@ -447,8 +472,8 @@ def _backward_elements(steps: _Steps, filts, f_filts, preds, normals, jitter):
     gains = _keep(jnp.concatenate([copies, _mm(_mm_nt(cond_cov, steps.A_row), q_inv)], axis=-1))
     terminal = (jnp.arange(filts.shape[0]) == filts.shape[0] - 1)[:, None, None]
     draw_cov = cond_cov + jnp.where(terminal, 0.0, jitter) * jnp.eye(lifted, dtype=filts.dtype)
-    draw_chol = _keep(_block_cholesky(draw_cov, size)[0])
-    offsets = filts[:, :, lifted] - _mv(gains, preds[:, :, lifted]) + _mv(draw_chol, normals)
+    draw_chol = _keep(_block_cholesky(draw_cov, size)[0])  # block columns
+    offsets = filts[:, :, lifted] - _mv(gains, preds[:, :, lifted]) + _block_mv(draw_chol, normals)
     return gains, offsets
 
 
@@ -548,8 +573,8 @@ def sample_latent_x(key, ytil, obs_var, mask, z, Ab, Q, Ctil, dtil, jitter, para
     # emissions of frames L..T-1 at t' = 1..N-1, then none after the terminal step
     step_obs = jax.tree.map(lambda a: jnp.concatenate([a[n_lags:], jnp.zeros_like(a[:1])]), obs)
     filt = _filter_parallel if parallel else _filter_serial
-    filts, f_filts, preds, log_norm = filt(steps, step_obs, filt0)
-    gains, offsets = _backward_elements(steps, filts, f_filts, preds, normals, jitter)
+    filts, preds, log_norm = filt(steps, step_obs, filt0)
+    gains, offsets = _backward_elements(steps, filts, preds, normals, jitter)
     backward = _affine_backward_parallel if parallel else _affine_backward_serial
     blocks = backward(gains, offsets).reshape(num_steps, n_lags, latent_dim)
     x = jnp.concatenate([blocks[0, : n_lags - 1], blocks[:, -1]])
