@@ -32,7 +32,7 @@ def _von_mises(key, mean, concentration):
 
 
 _sample_heading = jax.jit(kp.sample_heading)
-_sample_local_scales = jax.jit(kp.sample_local_scales)
+_sample_local_scales = jax.jit(kp.sample_local_scales, static_argnames="dof")  # static, as in the sweep
 _vmapped_global_scales = jax.jit(jax.vmap(kp.sample_global_scales, in_axes=(0, None, None, None, None, None, None)))
 
 

@@ -90,8 +90,17 @@ def rejection_sample(key, propose, shape, num_uniforms: int, num_proposals: int,
 
 def _unfinished(carry) -> jax.Array:
     """While-loop condition of the rejection loops: some element still unaccepted, rounds left."""
-    i, done, _ = carry
-    return ~jnp.all(done) & (i < MAX_REJECTION_ROUNDS)
+    return _unfinished_within(MAX_REJECTION_ROUNDS)(carry)
+
+
+def _unfinished_within(max_rounds: int):
+    """``_unfinished`` with a cap of ``max_rounds`` rounds."""
+
+    def unfinished(carry) -> jax.Array:
+        i, done, _ = carry
+        return ~jnp.all(done) & (i < max_rounds)
+
+    return unfinished
 
 
 #: Most rounds any rejection loop runs. An element with finite parameters is still unaccepted
@@ -106,13 +115,15 @@ REDRAW_SHARE = 8
 REDRAW_PROPOSALS = 2
 
 
-def rejection_sample_compact(key, propose, params, num_uniforms: int, first_proposals: int, dtype):
+def rejection_sample_compact(
+    key, propose, params, num_uniforms: int, first_proposals: int, dtype, redraw_share: int = REDRAW_SHARE,
+):
     """Exact elementwise rejection sampling for large arrays, redrawing only the rejected elements.
 
     ``propose(u, *params)`` maps uniforms (num_uniforms, n, m) and parameters (m,) to
     (accept, value), both (n, m). Every element first gets ``first_proposals``
     proposals; then, in a while loop, the elements that have rejected all so far are
-    gathered (up to 1/``REDRAW_SHARE`` of the array per round, ``_true_positions`` with a
+    gathered (up to 1/``redraw_share`` of the array per round, ``_true_positions`` with a
     static size) and get ``REDRAW_PROPOSALS`` fresh proposals each, until every element
     has accepted one. Each element keeps its first accepted proposal: exact
     sequential rejection sampling, at about ``first_proposals`` proposals per element
@@ -124,7 +135,7 @@ def rejection_sample_compact(key, propose, params, num_uniforms: int, first_prop
     k_first, k_more = jax.random.split(key)
     (u,) = uniforms(k_first, (num_uniforms, first_proposals, size), dtype=dtype)
     done, value = _first_accepted(lambda u: propose(u, *flat), u, first_proposals)
-    capacity = max(1, size // REDRAW_SHARE)
+    capacity = max(1, size // redraw_share)
 
     def redraw(carry):
         i, done, value = carry
@@ -136,7 +147,9 @@ def rejection_sample_compact(key, propose, params, num_uniforms: int, first_prop
         value = value.at[idx].set(jnp.where(acc, val, value[safe]), mode="drop")
         return i + 1, done.at[idx].set(acc, mode="drop"), value
 
-    _, _, value = jax.lax.while_loop(_unfinished, redraw, (0, done, value))
+    # every round redraws ``capacity`` elements, so even a first round that rejected all of them
+    # finishes within ``redraw_share`` more rounds than the usual cap
+    _, _, value = jax.lax.while_loop(_unfinished_within(MAX_REJECTION_ROUNDS + redraw_share), redraw, (0, done, value))
     return value.reshape(shape)
 
 
@@ -172,10 +185,12 @@ def _marsaglia_tsang(u: jax.Array, shape_param: jax.Array):
 
     Marsaglia-Tsang for shape a + 1 (a < 1) or a (a >= 1): normal from u[0],
     acceptance uniform u[1]; for a < 1 the boost log G(a) = log G(a + 1) +
-    log(u[2]) / a, accurate for tiny shapes where G itself underflows.
+    log(u[2]) / a, accurate for tiny shapes where G itself underflows. With only
+    two rows of uniforms the caller guarantees a >= 1 and there is no boost.
     """
     dtype = shape_param.dtype
-    small = shape_param < 1.0
+    boost = u.shape[0] == 3  # static
+    small = (shape_param < 1.0) if boost else jnp.zeros(shape_param.shape, bool)
     a = jnp.where(small, shape_param + 1.0, shape_param)
     d = a - 1.0 / 3.0
     c = 1.0 / jnp.sqrt(9.0 * d)
@@ -184,6 +199,8 @@ def _marsaglia_tsang(u: jax.Array, shape_param: jax.Array):
     safe_v = jnp.where(v > 0, v, 1.0)
     accept = (v > 0) & (jnp.log(u[1].astype(dtype)) < 0.5 * x**2 + d - d * safe_v + d * jnp.log(safe_v))
     log_value = jnp.log(d) + jnp.log(safe_v)
+    if not boost:
+        return accept, log_value
     boosted = log_value + jnp.log(u[2].astype(dtype)) / shape_param
     return accept, jnp.where(small, boosted, log_value)
 
@@ -191,6 +208,7 @@ def _marsaglia_tsang(u: jax.Array, shape_param: jax.Array):
 def sample_log_gamma(
     key: jax.Array, shape_param: jax.Array, num_proposals: int = GAMMA_PROPOSALS, repair: bool = False,
     first_proposals: int | None = None, round_proposals: int | None = None,
+    redraw_share: int = REDRAW_SHARE, at_least_one: bool = False,
 ) -> jax.Array:
     """log G with G ~ Gamma(shape_param, 1), elementwise, by Marsaglia-Tsang rejection.
 
@@ -201,6 +219,9 @@ def sample_log_gamma(
     variates redrawn, ``rejection_sample_compact``) or ``round_proposals`` (pi's S^2
     entries: exact, rounds for every variate, ``rejection_sample_rounds``; compiles
     faster); ``repair=True`` is the older exact variant, whose loop redraws every variate.
+    With ``first_proposals``, ``redraw_share`` sets the share of the array redrawn per round,
+    and ``at_least_one=True`` (every shape >= 1, e.g. the local noise scales') drops the
+    uniforms of the small-shape boost.
     Cheap to compile, unlike ``jax.random.gamma``'s per-element loops (about 1 s of
     compile each).
     """
@@ -209,7 +230,9 @@ def sample_log_gamma(
         return rejection_sample_rounds(key, propose, shape_param.shape, 3, round_proposals, shape_param.dtype)
     if first_proposals is not None:
         propose = lambda u, a: _marsaglia_tsang(u, shape_param=a)  # noqa: E731
-        return rejection_sample_compact(key, propose, (shape_param,), 3, first_proposals, shape_param.dtype)
+        return rejection_sample_compact(
+            key, propose, (shape_param,), 2 if at_least_one else 3, first_proposals, shape_param.dtype, redraw_share
+        )
     propose = functools.partial(_marsaglia_tsang, shape_param=shape_param)
     return rejection_sample(key, propose, shape_param.shape, 3, num_proposals, shape_param.dtype, repair)
 
