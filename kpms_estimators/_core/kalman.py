@@ -153,15 +153,15 @@ def _factor_block(cols, row, col):
 
 
 def _block_solve(cols, invs, rhs):
-    """Solve L X = rhs by block forward substitution, with a factor from ``_block_cholesky``
-    and ``rhs`` given as its row blocks (a list of (..., size, m) arrays)."""
+    """Solve L X = rhs by block forward substitution, with a factor from ``_block_cholesky``;
+    ``rhs`` and the returned X are lists of row blocks ((..., size, m) arrays)."""
     sol = []
     for k, inv in enumerate(invs):
         r = rhs[k]
         for j in range(k):
             r = r - _mm(_factor_block(cols, k, j), sol[j])
         sol.append(_mm(inv, r))
-    return jnp.concatenate(sol, axis=-2)
+    return sol
 
 
 def _block_mv(cols, x):
@@ -463,8 +463,8 @@ def _backward_elements(steps: _Steps, filts, preds, normals, jitter):
     covs = filts[:, :, :lifted]
     f_cov = [steps.shift[:, None, None] * covs[:, (k + 1) * size : (k + 2) * size] for k in range(lifted // size - 1)]
     f_cov.append(_mm(steps.A_row, covs))
-    white = _keep(_block_solve(chol, invs, f_cov))  # L^{-1} F Cov
-    cond_cov = _keep(_sym(filts[:, :, :lifted] - _mm_tn(white, white)))
+    white = _keep(_block_solve(chol, invs, f_cov))  # row blocks of L^{-1} F Cov
+    cond_cov = _keep(_sym(covs - sum(_mm_tn(block, block) for block in white)))
     # G = C F^T Qb^{-1} = [shift C_{:, P:} / copy_var | C A_row^T Q^{-1}]
     _, q_inv_chol = _chol_inv_small(steps.Q)
     q_inv = _keep(_mm_tn(q_inv_chol, q_inv_chol))
