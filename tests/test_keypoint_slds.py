@@ -33,10 +33,10 @@ def fitted(sim):
 
 
 def _label_agreement(model) -> float:
-    """Share of labelled frames whose z draw is the same with float32 AR residuals (what the sampler
-    uses, ``core.LABEL_RESIDUAL_DTYPE``) as with float64 ones, for the same uniforms, at the fitted
-    state; the float32 log-likelihoods must also be within 1e-3 of float64 where they matter
-    (within 30 nats of the frame's best state)."""
+    """Share of labelled frames whose z draw is the same with float32 AR residuals and float32-stored
+    log-likelihoods (what the sampler uses, ``core.LABEL_RESIDUAL_DTYPE``, ``core.LABEL_LOG_LIKE_DTYPE``)
+    as with float64 ones, for the same uniforms, at the fitted state; the float32 log-likelihoods must
+    also be within 1e-3 of float64 where they matter (within 30 nats of the frame's best state)."""
     import jax
     import jax.numpy as jnp
 
@@ -47,7 +47,9 @@ def _label_agreement(model) -> float:
         state = jax.tree_util.tree_map(jnp.asarray, model.chain_state_)
         data = arhmm.ARHMMData(state.x, jnp.ones(state.x.shape[:2]))
         exact = arhmm.masked_log_likes(data, state.params.ar)
-        fast = arhmm.masked_log_likes(data, state.params.ar, core.LABEL_RESIDUAL_DTYPE)
+        fast = arhmm.masked_log_likes(data, state.params.ar, core.LABEL_RESIDUAL_DTYPE,
+                                      out_dtype=core.LABEL_LOG_LIKE_DTYPE)
+        assert fast.dtype == core.LABEL_LOG_LIKE_DTYPE
         relevant = exact > jnp.max(exact, axis=-1, keepdims=True) - 30
         assert float(jnp.max(jnp.where(relevant, jnp.abs(fast - exact), 0.0))) < 1e-3
         u = jax.random.uniform(jax.random.key(0), exact.shape[:2], exact.dtype)

@@ -61,11 +61,13 @@ def label_mask(mask: jax.Array, n_lags: int) -> jax.Array:
     return mask[:, n_lags:]
 
 
-def masked_log_likes(data: ARHMMData, params: ARHMMParams, residual_dtype=None, time_major: bool = False) -> jax.Array:
+def masked_log_likes(
+    data: ARHMMData, params: ARHMMParams, residual_dtype=None, time_major: bool = False, out_dtype=None,
+) -> jax.Array:
     """Per-frame, per-state AR log-likelihoods, zero on padded frames: (B, T-L, S), or
-    (T-L, B, S) with ``time_major`` (``residual_dtype``: see ``ar_log_likelihoods``)."""
+    (T-L, B, S) with ``time_major`` (``residual_dtype``, ``out_dtype``: see ``ar_log_likelihoods``)."""
     n_lags = num_lags(params.ar)
-    ll = ar_log_likelihoods(data.x, params.ar, residual_dtype, time_major)
+    ll = ar_log_likelihoods(data.x, params.ar, residual_dtype, time_major, out_dtype)
     lmask = label_mask(data.mask, n_lags)
     return ll * (lmask.T if time_major else lmask)[..., None].astype(ll.dtype)
 
@@ -76,12 +78,14 @@ def sample_z(key: jax.Array, log_likes: jax.Array, pi: jax.Array, time_major: bo
     ``log_likes``: (B, N, S), or (N, B, S) with ``time_major``: then the filter scans the
     array as it is and its (N, B, S) output is the only other array of that size (at
     10 x 18000 frames and 100 states the batch-major layout needs two more 144 MB copies).
-    The draws are the same in both layouts.
+    The draws are the same in both layouts. ``log_likes`` may be stored in a narrower dtype
+    than ``pi`` (float32); the filter and the uniforms use the wider one.
     """
+    dtype = jnp.result_type(log_likes.dtype, pi.dtype)
     if not time_major:
-        u = jax.random.uniform(key, log_likes.shape[:2], log_likes.dtype)
+        u = jax.random.uniform(key, log_likes.shape[:2], dtype)
         return jax.vmap(hmm.sample_states_from_uniforms, in_axes=(0, 0, None))(u, log_likes, pi)
-    u = jax.random.uniform(key, (log_likes.shape[1], log_likes.shape[0]), log_likes.dtype)
+    u = jax.random.uniform(key, (log_likes.shape[1], log_likes.shape[0]), dtype)
     draw = jax.vmap(hmm.sample_states_from_uniforms, in_axes=(1, 1, None), out_axes=(1, 0))
     z, marginal = draw(u.T, log_likes, pi)
     return z.T, marginal

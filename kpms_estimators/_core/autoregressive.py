@@ -60,7 +60,9 @@ def lagged_features(x: jax.Array, n_lags: int) -> jax.Array:
     return jnp.concatenate(lags + [ones], axis=-1)
 
 
-def ar_log_likelihoods(x: jax.Array, params: ARParams, residual_dtype=None, time_major: bool = False) -> jax.Array:
+def ar_log_likelihoods(
+    x: jax.Array, params: ARParams, residual_dtype=None, time_major: bool = False, out_dtype=None,
+) -> jax.Array:
     """log N(x_t | A_k xbar_t + b_k, Q_k) for every frame t >= L and state k.
 
     x: (..., T, P). Returns (..., T-L, S) in x's dtype, or with ``time_major`` (x of
@@ -69,7 +71,8 @@ def ar_log_likelihoods(x: jax.Array, params: ARParams, residual_dtype=None, time
     (e.g. float32): compute the whitened residuals and their squared norms, the
     O(S F P (A+1)) part, in that dtype; the factors and log-determinants stay in x's.
     Converting back only after the sum matters: XLA may otherwise keep the product in
-    the wider type (excess precision allowed) and nothing is gained.
+    the wider type (excess precision allowed) and nothing is gained. ``out_dtype``: the
+    result's dtype (default x's); the sum with the log-determinants is formed in x's.
     """
     latent_dim = x.shape[-1]
     num_states = params.Ab.shape[0]
@@ -84,7 +87,8 @@ def ar_log_likelihoods(x: jax.Array, params: ARParams, residual_dtype=None, time
         joint, whiten = joint.astype(residual_dtype), whiten.astype(residual_dtype)
     resid = (joint @ whiten.T).reshape(joint.shape[:-1] + (latent_dim, num_states))
     sq_norm = jnp.sum(resid**2, axis=-2).astype(x.dtype)
-    return -0.5 * sq_norm - half_logdet - 0.5 * latent_dim * jnp.log(2 * jnp.pi).astype(x.dtype)
+    log_likes = -0.5 * sq_norm - half_logdet - 0.5 * latent_dim * jnp.log(2 * jnp.pi).astype(x.dtype)
+    return log_likes if out_dtype is None else log_likes.astype(out_dtype)
 
 
 def _joint_features(x: jax.Array, n_lags: int) -> jax.Array:

@@ -34,13 +34,18 @@ def forward_filter(log_likes: jax.Array, trans_probs: jax.Array) -> FilterResult
 
     Predicted probabilities are floored at the smallest normal float of the
     dtype, so a transition probability that underflowed to zero can never make
-    the normaliser vanish (the reference floors at 1e-15).
+    the normaliser vanish (the reference floors at 1e-15). The messages are
+    computed in the wider of the two inputs' dtypes: ``log_likes`` may be stored
+    narrower (float32: half the memory of the largest array of a label draw) and
+    are widened one frame at a time.
     """
     num_states = log_likes.shape[-1]
-    tiny = jnp.finfo(log_likes.dtype).tiny
-    initial = jnp.full((num_states,), 1.0 / num_states, log_likes.dtype)
+    dtype = jnp.result_type(log_likes.dtype, trans_probs.dtype)
+    tiny = jnp.finfo(dtype).tiny
+    initial = jnp.full((num_states,), 1.0 / num_states, dtype)
 
     def step(predicted, ll):
+        ll = ll.astype(dtype)
         shift = jnp.max(ll)
         weighted = predicted * jnp.exp(ll - shift)
         norm = jnp.sum(weighted)
@@ -133,7 +138,7 @@ def sample_states(
     key: jax.Array, log_likes: jax.Array, trans_probs: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Forward filtering, backward sampling. Returns (states, marginal log-likelihood)."""
-    u = jax.random.uniform(key, log_likes.shape[:1], log_likes.dtype)
+    u = jax.random.uniform(key, log_likes.shape[:1], jnp.result_type(log_likes.dtype, trans_probs.dtype))
     return sample_states_from_uniforms(u, log_likes, trans_probs)
 
 

@@ -28,6 +28,11 @@ TRACE_COUNTS = {"keypoint_slds.gibbs_step": 0, "keypoint_slds.sample_labels": 0,
 #: same uniforms (tests/test_keypoint_slds.py, synthetic and real data). Everything else, the
 #: reported log-likelihoods, marginals and scores included, stays in float64.
 LABEL_RESIDUAL_DTYPE = jnp.float32
+#: Dtype in which the label draw stores its (frames x segments x states) log-likelihoods, the largest
+#: array of the label program (144 MB in float64 at 10 x 18000 frames, 100 states); the HMM filter
+#: widens them to float64 one frame at a time. Their error is already that of the float32 residuals
+#: (above); same test.
+LABEL_LOG_LIKE_DTYPE = jnp.float32
 
 #: Segments sampled together by the serial latent-pose Kalman sampler (``sample_x``, the CPU path).
 #: One at a time is fastest on the CPU: 4 x 3030 frames 148 -> 120-129 ms, 8 x 3030 284 -> 248 ms
@@ -148,7 +153,9 @@ def sample_labels(key, state: KeypointState, data: KeypointData) -> jax.Array:
     """z | x, params by FFBS per segment (spec 3.5)."""
     TRACE_COUNTS["keypoint_slds.sample_labels"] += 1
     data = arhmm.ARHMMData(state.x, data.mask)
-    log_likes = arhmm.masked_log_likes(data, state.params.ar, LABEL_RESIDUAL_DTYPE, time_major=True)
+    log_likes = arhmm.masked_log_likes(
+        data, state.params.ar, LABEL_RESIDUAL_DTYPE, time_major=True, out_dtype=LABEL_LOG_LIKE_DTYPE
+    )
     return arhmm.sample_z(key, log_likes, state.params.pi, time_major=True)[0]
 
 
