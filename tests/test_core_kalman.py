@@ -203,6 +203,26 @@ def test_parallel_sampler_matches_serial(n_lags):
     assert_moments(x_jit, mean, cov + select @ jitter_inflation(post_lifted, lifted, 0.05) @ select.T)
 
 
+@pytest.mark.parametrize("block", [1, 3, 4, 8])
+def test_blocked_backward_pass_gives_the_same_draws(monkeypatch, block):
+    """The serial sampler's backward pass in blocks of ``block`` steps (N = 9 here: blocks that
+    divide N, that don't, so the first block overlaps the next, and single steps) draws exactly
+    what one block of all steps draws, for the same key, with jitter and padding."""
+    problem = _as_jax(_problem(seed=31, num_lags=3))
+    key = jax.random.key(7)
+
+    def draw():
+        fun = jax.jit(lambda k, p: kalman.sample_latent_x(k, **p, jitter=jnp.asarray(0.05)))
+        return np.asarray(fun(key, problem)[0])
+
+    with jax.enable_x64(True):
+        whole = draw()
+        monkeypatch.setattr(kalman, "BACKWARD_BLOCK", block)
+        blocked = draw()
+    assert np.all(np.isfinite(whole))
+    np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-12)
+
+
 def test_jitter_inflates_backward_conditionals():
     """Drawing each X_t' | X_{t'+1} from N(m, C + jitter I) leaves the mean alone and adds the
     covariance of D_t' = G_t' D_{t'+1} + N(0, jitter I) (see ``jitter_inflation``); the

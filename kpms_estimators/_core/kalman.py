@@ -30,13 +30,14 @@ Implementation notes (CPU, jax 0.10):
   and the mean share every product.
 - Filtered and predicted moments are emitted by the forward scan (F Cov is rebuilt
   from the filtered ones: all but its newest row block are slices of Cov); backward
-  gains and backward-conditional factors are then computed for all steps at once, and the
-  backward pass is the affine recursion X_t' = E_t' X_{t'+1} + g_t', run by
+  gains and backward-conditional factors are then computed for many steps at once, and
+  the backward pass is the affine recursion X_t' = E_t' X_{t'+1} + g_t', run by
   ``lax.scan`` (serial) or ``lax.associative_scan`` (parallel).
-- The all-steps backward arrays are (N, A, A); once they outgrow the CPU caches
-  (a few segments of ~3000 frames at A = 12) memory traffic dominates, so on CPU
-  mapping segments in small chunks (``lax.map(..., batch_size=1 or 2)``, spec
-  12.4) can beat a plain ``vmap`` over all of them.
+- The per-step backward arrays are (n, A, A); once they outgrow the CPU caches
+  (a segment of ~5000 frames at A = 12) memory traffic dominates: the serial
+  sampler therefore computes them in blocks of ``BACKWARD_BLOCK`` steps, each
+  followed by its part of the recursion, and segments are mapped in small chunks
+  (``lax.map(..., batch_size=1 or 2)``, spec 12.4) rather than vmapped all at once.
 """
 
 from __future__ import annotations
@@ -448,13 +449,14 @@ def _filter_parallel(steps: _Steps, obs: _PseudoObs, filt0):
 # --------------------------------------------------------------------------- #
 # Backward sampling
 # --------------------------------------------------------------------------- #
-def _backward_elements(steps: _Steps, filts, preds, normals, jitter):
-    """(E, g) with X_t' = E_t' X_{t'+1} + g_t' (noise included), all steps at once.
+def _backward_elements(steps: _Steps, filts, preds, normals, jitter, terminal=None):
+    """(E, g) with X_t' = E_t' X_{t'+1} + g_t' (noise included), for all the given steps at once.
 
     p(X_t' | X_{t'+1}, y_{0:tau}) = N(m + G (X_{t'+1} - m^-), C) with
     C = Cov - (F Cov)^T (Cov^-)^{-1} F Cov and G = Cov F^T (Cov^-)^{-1} = C F^T Qb^{-1};
     the draw uses C + jitter I (spec 4.2). At the terminal step G = 0 and C is the
-    filtered covariance of X_{N-1}, which is drawn without jitter.
+    filtered covariance of X_{N-1}, which is drawn without jitter. ``terminal``: (n,) bool
+    marking that step among the given ones (default: the last one).
     """
     size = steps.Q.shape[-1]
     lifted = filts.shape[-2]
@@ -470,15 +472,18 @@ def _backward_elements(steps: _Steps, filts, preds, normals, jitter):
     q_inv = _keep(_mm_tn(q_inv_chol, q_inv_chol))
     copies = (steps.shift / steps.copy_var)[:, None, None] * cond_cov[:, :, size:]
     gains = _keep(jnp.concatenate([copies, _mm(_mm_nt(cond_cov, steps.A_row), q_inv)], axis=-1))
-    terminal = (jnp.arange(filts.shape[0]) == filts.shape[0] - 1)[:, None, None]
+    if terminal is None:
+        terminal = jnp.arange(filts.shape[0]) == filts.shape[0] - 1
+    terminal = terminal[:, None, None]
     draw_cov = cond_cov + jnp.where(terminal, 0.0, jitter) * jnp.eye(lifted, dtype=filts.dtype)
     draw_chol = _keep(_block_cholesky(draw_cov, size)[0])  # block columns
     offsets = filts[:, :, lifted] - _mv(gains, preds[:, :, lifted]) + _block_mv(draw_chol, normals)
     return gains, offsets
 
 
-def _affine_backward_serial(gains, offsets):
-    """X_t = E_t X_{t+1} + g_t backward from t = N-1 (E_{N-1} = 0) by a reverse scan.
+def _affine_backward_serial(gains, offsets, last=None):
+    """X_t = E_t X_{t+1} + g_t backward from t = N-1 by a reverse scan, with X_N = ``last``
+    (default 0: E_{N-1} = 0 at the terminal step).
 
     ``gains`` (N, A, A), or (N,) scalars; ``offsets`` (N, A).
     """
@@ -489,8 +494,46 @@ def _affine_backward_serial(gains, offsets):
         cur = (gain * nxt if scalar else _mv(gain, nxt)) + offset
         return cur, cur
 
-    _, states = jax.lax.scan(body, jnp.zeros_like(offsets[0]), (gains, offsets), reverse=True)
+    init = jnp.zeros_like(offsets[0]) if last is None else last
+    _, states = jax.lax.scan(body, init, (gains, offsets), reverse=True)
     return states
+
+
+#: Steps per block of the serial backward pass (``_backward_serial``). Its per-step arrays
+#: ((A, A) factors, gains, conditional covariances) for a whole 10 000-frame segment are
+#: ~10 MB each and fall out of the CPU caches; a block of 1024 steps keeps them in cache:
+#: the backward elements of one 10 030-frame segment took 32.9 ms for all steps at once and
+#: 16.8 ms in blocks of ~1250 (P = 4, L = 3; docs/notes.md).
+BACKWARD_BLOCK = 1024
+
+
+def _backward_serial(steps: _Steps, filts, preds, normals, jitter, block=None):
+    """The backward pass of the serial sampler: X_t' for t' = 0..N-1, (N, A).
+
+    Blocks of ``block`` (default ``BACKWARD_BLOCK``) steps are processed from the end: each computes its backward
+    elements (``_backward_elements``) and runs the recursion X_t' = E_t' X_{t'+1} + g_t'
+    from the first state after it. The first block starts at max(0, N - k * block), so it
+    may overlap the next one; its overlapping states are recomputed from the same
+    elements and the same successor, hence equal. Same draws as ``_backward_elements``
+    over all steps followed by ``_affine_backward_serial``.
+    """
+    num_steps, lifted = filts.shape[0], filts.shape[1]
+    size = min(BACKWARD_BLOCK if block is None else block, num_steps)
+    if size == num_steps:
+        return _affine_backward_serial(*_backward_elements(steps, filts, preds, normals, jitter))
+    n_blocks = -(-num_steps // size)
+
+    def body(j, states):
+        start = jnp.maximum(num_steps - (j + 1) * size, 0)
+        piece = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)  # noqa: E731
+        terminal = start + jnp.arange(size) == num_steps - 1
+        elements = _backward_elements(jax.tree.map(piece, steps), piece(filts), piece(preds), piece(normals),
+                                      jitter, terminal)
+        # X after the block (the terminal block's gain is 0, so its value is unused there)
+        last = states[jnp.minimum(start + size, num_steps - 1)]
+        return jax.lax.dynamic_update_slice_in_dim(states, _affine_backward_serial(*elements, last), start, 0)
+
+    return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((num_steps, lifted), filts.dtype))
 
 
 def _affine_backward_parallel(gains, offsets):
@@ -574,9 +617,11 @@ def sample_latent_x(key, ytil, obs_var, mask, z, Ab, Q, Ctil, dtil, jitter, para
     step_obs = jax.tree.map(lambda a: jnp.concatenate([a[n_lags:], jnp.zeros_like(a[:1])]), obs)
     filt = _filter_parallel if parallel else _filter_serial
     filts, preds, log_norm = filt(steps, step_obs, filt0)
-    gains, offsets = _backward_elements(steps, filts, preds, normals, jitter)
-    backward = _affine_backward_parallel if parallel else _affine_backward_serial
-    blocks = backward(gains, offsets).reshape(num_steps, n_lags, latent_dim)
+    if parallel:
+        states = _affine_backward_parallel(*_backward_elements(steps, filts, preds, normals, jitter))
+    else:
+        states = _backward_serial(steps, filts, preds, normals, jitter)
+    blocks = states.reshape(num_steps, n_lags, latent_dim)
     x = jnp.concatenate([blocks[0, : n_lags - 1], blocks[:, -1]])
     return x, log_norm0 + log_norm
 
