@@ -42,6 +42,8 @@ Implementation notes (CPU, jax 0.10):
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -74,24 +76,43 @@ def _keep(tree):
     return jax.lax.optimization_barrier(tree)
 
 
+def _total(terms):
+    """The sum of an iterable of arrays (no leading ``0 +`` as in the built-in ``sum``)."""
+    return functools.reduce(operator.add, terms)
+
+
+def _col(a, k):
+    """Column k of the matrices ``a`` (..., n, m), kept as (..., n, 1): one static slice."""
+    return jax.lax.slice_in_dim(a, k, k + 1, axis=a.ndim - 1)
+
+
+def _row(a, k):
+    """Row k of the matrices ``a`` (..., n, m), kept as (..., 1, m)."""
+    return jax.lax.slice_in_dim(a, k, k + 1, axis=a.ndim - 2)
+
+
+# The products below index with kept-dimension slices (``_col``, ``_row``): integer indexing
+# followed by ``None`` traces three operations per operand instead of one, and these unrolled
+# sums make up most of the sampler's traced program (its tracing and lowering time).
 def _mm(a, b):
     """a @ b over the last two axes as an unrolled sum of broadcast products."""
-    return sum(a[..., :, k, None] * b[..., None, k, :] for k in range(a.shape[-1]))
+    return _total(_col(a, k) * _row(b, k) for k in range(a.shape[-1]))
 
 
 def _mm_tn(a, b):
     """a^T @ b over the last two axes."""
-    return sum(a[..., k, :, None] * b[..., None, k, :] for k in range(a.shape[-2]))
+    return _total(_t(_row(a, k)) * _row(b, k) for k in range(a.shape[-2]))
 
 
 def _mm_nt(a, b):
     """a @ b^T over the last two axes."""
-    return sum(a[..., :, k, None] * b[..., None, :, k] for k in range(a.shape[-1]))
+    return _total(_col(a, k) * _t(_col(b, k)) for k in range(a.shape[-1]))
 
 
 def _mv(a, x):
     """a @ x for matrices a (..., n, k) and vectors x (..., k)."""
-    return sum(a[..., :, k] * x[..., k, None] for k in range(a.shape[-1]))
+    vec = x[..., None, :]  # (..., 1, k)
+    return _total(_col(a, k) * _col(vec, k) for k in range(a.shape[-1]))[..., 0]
 
 
 def _chol_inv_small(mat):
@@ -466,7 +487,7 @@ def _backward_elements(steps: _Steps, filts, preds, normals, jitter, terminal=No
     f_cov = [steps.shift[:, None, None] * covs[:, (k + 1) * size : (k + 2) * size] for k in range(lifted // size - 1)]
     f_cov.append(_mm(steps.A_row, covs))
     white = _keep(_block_solve(chol, invs, f_cov))  # row blocks of L^{-1} F Cov
-    cond_cov = _keep(_sym(covs - sum(_mm_tn(block, block) for block in white)))
+    cond_cov = _keep(_sym(covs - _total(_mm_tn(block, block) for block in white)))
     # G = C F^T Qb^{-1} = [shift C_{:, P:} / copy_var | C A_row^T Q^{-1}]
     _, q_inv_chol = _chol_inv_small(steps.Q)
     q_inv = _keep(_mm_tn(q_inv_chol, q_inv_chol))
