@@ -165,3 +165,42 @@ def test_compiler_options_drop_what_jaxlib_rejects(monkeypatch):
 
     sum_of_squares = _base.compiled(lambda x: jnp.sum(jnp.cos(x) ** 2), options=_base.REDUCTION_OPTIONS)
     assert float(sum_of_squares(np.zeros(3))) == 3.0
+
+
+@pytest.mark.parametrize(
+    "num_segments,num_frames,group_frames,expected",
+    [(20, 10030, 100_000, 5), (20, 10030, 10**9, 20), (4, 3030, 100_000, 4), (7, 12, 40, 3), (6, 12, 25, 2),
+     (6, 12, 10, 1), (1, 200_000, 100_000, 1)],
+)
+def test_label_group_size(num_segments, num_frames, group_frames, expected):
+    """All segments when they fit; else a divisor of the segment count with groups of at least half
+    the frame budget; else near-equal groups with a smaller last one (7 segments of 12 frames: 3)."""
+    assert core.group_size(num_segments, num_frames, group_frames) == expected
+
+
+@pytest.mark.parametrize("num_segments,group_frames", [(6, 10), (6, 25), (6, 45), (7, 40)])
+def test_grouped_labels_match_all_at_once(num_segments, group_frames):
+    """The label draw in groups of segments (one group, divisor groups, a remainder group) gives the
+    labels of the draw over all segments at once, with float32-stored log-likelihoods and padding."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    num_states, latent_dim, n_lags, num_frames = 4, 2, 2, 12
+    with jax.enable_x64(True):
+        Ab = rng.normal(0, 0.4, (num_states, latent_dim, n_lags * latent_dim + 1))
+        Q = np.stack([np.eye(latent_dim) * rng.uniform(0.2, 1.0) for _ in range(num_states)])
+        pi = rng.dirichlet(np.ones(num_states), num_states)
+        params = core.ARHMMParams(jnp.full(num_states, 1 / num_states), jnp.asarray(pi), jnp.asarray(Ab), jnp.asarray(Q))
+        mask = np.ones((num_segments, num_frames))
+        mask[-1, 8:] = 0  # a padded tail
+        data = core.ARHMMData(jnp.asarray(rng.normal(0, 1, (num_segments, num_frames, latent_dim))), jnp.asarray(mask))
+        key = jax.random.key(5)
+        grouped = core.sample_labels_grouped(key, data, params, jnp.float32, jnp.float32, group_frames)
+        whole = core.sample_labels_grouped(key, data, params, jnp.float32, jnp.float32, 10**9)
+        log_likes = core.masked_log_likes(data, params, jnp.float32, time_major=True, out_dtype=jnp.float32)
+        direct = core.sample_z(key, log_likes, params.pi, time_major=True)[0]
+    assert grouped.shape == (num_segments, num_frames - n_lags)
+    np.testing.assert_array_equal(np.asarray(whole), np.asarray(direct))
+    np.testing.assert_array_equal(np.asarray(grouped), np.asarray(whole))
+    assert len(np.unique(np.asarray(whole))) > 1  # the labels are not trivially constant

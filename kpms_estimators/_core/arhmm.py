@@ -86,9 +86,65 @@ def sample_z(key: jax.Array, log_likes: jax.Array, pi: jax.Array, time_major: bo
         u = jax.random.uniform(key, log_likes.shape[:2], dtype)
         return jax.vmap(hmm.sample_states_from_uniforms, in_axes=(0, 0, None))(u, log_likes, pi)
     u = jax.random.uniform(key, (log_likes.shape[1], log_likes.shape[0]), dtype)
+    return _sample_z_time_major(u, log_likes, pi)
+
+
+def _sample_z_time_major(u: jax.Array, log_likes: jax.Array, pi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """FFBS of time-major ``log_likes`` (N, B, S) driven by uniforms ``u`` (B, N): (z (B, N), marginal (B,))."""
     draw = jax.vmap(hmm.sample_states_from_uniforms, in_axes=(1, 1, None), out_axes=(1, 0))
     z, marginal = draw(u.T, log_likes, pi)
     return z.T, marginal
+
+
+#: Frames per group of segments in ``sample_labels_grouped``: the label draw's (frames x segments x
+#: states) arrays are made for one group at a time, so their memory stops growing with the data
+#: beyond this many frames (100 states: ~1.3 KB per frame, ~330 MB per group). Grouping costs some
+#: speed (the filter re-reads the transition matrix per group and step): at 20 x 10 030 frames the
+#: label draw took 378 ms for all segments at once, 405 ms in 2 groups and 435 ms in 4, with
+#: temporaries of 258, 130 and 66 MB (same labels; benchmarks/README.md, session 9). Hence a budget
+#: above the benchmark's 10 x 18 000 frames: grouping only starts where memory starts to matter.
+LABEL_GROUP_FRAMES = 250_000
+
+
+def group_size(num_segments: int, num_frames: int, group_frames: int = LABEL_GROUP_FRAMES) -> int:
+    """Segments per group for ``sample_labels_grouped``: all of them when they hold at most
+    ``group_frames`` frames, else the largest divisor of ``num_segments`` whose groups hold at most
+    that many and at least half of it (no remainder group, hence one traced copy of the draw),
+    else equal groups as near that size as possible (the last one smaller)."""
+    most = max(1, group_frames // max(num_frames, 1))
+    if most >= num_segments:
+        return num_segments
+    for size in range(most, 0, -1):
+        if num_segments % size == 0 and 2 * size >= most:
+            return size
+    return -(-num_segments // -(-num_segments // most))
+
+
+def sample_labels_grouped(key, data: ARHMMData, params: ARHMMParams, residual_dtype=None, out_dtype=None,
+                          group_frames: int = LABEL_GROUP_FRAMES) -> jax.Array:
+    """z | x, params by FFBS (spec 3.5), the segments in groups of at most ``group_frames`` frames
+    (``group_size``): the same uniforms per segment and the same arithmetic as ``sample_z`` of
+    ``masked_log_likes`` over all segments at once (time-major), so the same labels, with the
+    (frames x segments x states) arrays of one group at a time. Returns z (B, T-L)."""
+    num_segments, num_frames = data.mask.shape
+    n_lags = num_lags(params.ar)
+    ll_dtype = jnp.dtype(out_dtype) if out_dtype is not None else data.x.dtype
+    u = jax.random.uniform(key, (num_segments, num_frames - n_lags), jnp.result_type(ll_dtype, params.pi.dtype))
+
+    def draw(x, mask, u):
+        log_likes = masked_log_likes(ARHMMData(x, mask), params, residual_dtype, time_major=True, out_dtype=out_dtype)
+        return _sample_z_time_major(u, log_likes, params.pi)[0]
+
+    size = group_size(num_segments, num_frames, group_frames)
+    if size == num_segments:
+        return draw(data.x, data.mask, u)
+    n_full = num_segments // size
+    grouped = [a[: n_full * size].reshape((n_full, size) + a.shape[1:]) for a in (data.x, data.mask, u)]
+    z = jax.lax.map(lambda args: draw(*args), tuple(grouped)).reshape((n_full * size,) + u.shape[1:])
+    if n_full * size < num_segments:
+        rest = n_full * size
+        z = jnp.concatenate([z, draw(data.x[rest:], data.mask[rest:], u[rest:])])
+    return z
 
 
 def log_likelihood_terms(z: jax.Array, log_likes: jax.Array, pi: jax.Array, mask: jax.Array,

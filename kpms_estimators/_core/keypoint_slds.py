@@ -153,10 +153,7 @@ def sample_labels(key, state: KeypointState, data: KeypointData) -> jax.Array:
     """z | x, params by FFBS per segment (spec 3.5)."""
     TRACE_COUNTS["keypoint_slds.sample_labels"] += 1
     data = arhmm.ARHMMData(state.x, data.mask)
-    log_likes = arhmm.masked_log_likes(
-        data, state.params.ar, LABEL_RESIDUAL_DTYPE, time_major=True, out_dtype=LABEL_LOG_LIKE_DTYPE
-    )
-    return arhmm.sample_z(key, log_likes, state.params.pi, time_major=True)[0]
+    return arhmm.sample_labels_grouped(key, data, state.params.ar, LABEL_RESIDUAL_DTYPE, LABEL_LOG_LIKE_DTYPE)
 
 
 def emission_switches(switches: Switches) -> Switches:
