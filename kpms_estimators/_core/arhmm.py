@@ -120,16 +120,28 @@ def group_size(num_segments: int, num_frames: int, group_frames: int = LABEL_GRO
     return -(-num_segments // -(-num_segments // most))
 
 
+def segment_window(tree, start, size: int):
+    """Rows ``start .. start + size - 1`` of every array in ``tree`` (``start`` may be traced)."""
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), tree)
+
+
 def sample_labels_grouped(key, data: ARHMMData, params: ARHMMParams, residual_dtype=None, out_dtype=None,
-                          group_frames: int = LABEL_GROUP_FRAMES) -> jax.Array:
+                          group_frames: int = LABEL_GROUP_FRAMES, window=None) -> jax.Array:
     """z | x, params by FFBS (spec 3.5), the segments in groups of at most ``group_frames`` frames
     (``group_size``): the same uniforms per segment and the same arithmetic as ``sample_z`` of
     ``masked_log_likes`` over all segments at once (time-major), so the same labels, with the
-    (frames x segments x states) arrays of one group at a time. Returns z (B, T-L)."""
+    (frames x segments x states) arrays of one group at a time. Returns z (B, T-L).
+
+    ``window=(start, size)`` draws only segments ``start .. start + size - 1`` (``start`` may be
+    traced), with the uniforms they get in the whole batch: (size, T-L), the same labels as
+    those rows of the draw over all segments."""
     num_segments, num_frames = data.mask.shape
     n_lags = num_lags(params.ar)
     ll_dtype = jnp.dtype(out_dtype) if out_dtype is not None else data.x.dtype
     u = jax.random.uniform(key, (num_segments, num_frames - n_lags), jnp.result_type(ll_dtype, params.pi.dtype))
+    if window is not None:
+        data, u = segment_window((data, u), *window)
+        num_segments = window[1]
 
     def draw(x, mask, u):
         log_likes = masked_log_likes(ARHMMData(x, mask), params, residual_dtype, time_major=True, out_dtype=out_dtype)

@@ -19,7 +19,7 @@ from .autoregressive import ARParams, ar_path_log_likelihoods, num_lags
 
 #: Incremented each time a sweep is traced (tests assert one trace per shape).
 TRACE_COUNTS = {"keypoint_slds.gibbs_step": 0, "keypoint_slds.sample_labels": 0, "keypoint_slds.sample_emission": 0,
-                "keypoint_slds.param_stats": 0}
+                "keypoint_slds.emission_x": 0, "keypoint_slds.param_stats": 0}
 
 
 #: Dtype of the whitened AR residuals when sampling z (``ar_log_likelihoods``): float32 makes
@@ -95,20 +95,28 @@ def _with_ar(params: KeypointParams, ar: arhmm.ARHMMParams) -> KeypointParams:
     return params._replace(betas=ar.betas, pi=ar.pi, Ab=ar.Ab, Q=ar.Q)
 
 
-def sample_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, parallel: bool):
-    """x | z, h, v, s, params by Kalman FFBS in the lifted AR state, per segment (spec 4.2)."""
+def sample_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, parallel: bool, window=None):
+    """x | z, h, v, s, params by Kalman FFBS in the lifted AR state, per segment (spec 4.2).
+
+    ``window=(start, size)`` samples only segments ``start .. start + size - 1`` (``start`` may
+    be traced) with the keys they get in the whole batch: the same draws as those rows of x
+    over all segments, so that groups of segments can run side by side (``sample_emission``).
+    """
     params = state.params
     num_dims = data.Y.shape[-1]
-    ytil = kp.rotate(data.Y - state.v[..., None, :], -state.h)
-    ytil = ytil.reshape(ytil.shape[:2] + (-1,))
-    obs_var = jnp.repeat(state.s * params.sigmasq, num_dims, axis=-1)
-    Ctil, dtil = kp.lifted_emission(params.Cd, data.Gamma, num_dims)
     keys = jax.random.split(key, data.Y.shape[0])
+    Y, v, h, s, mask, z = data.Y, state.v, state.h, state.s, data.mask, state.z
+    if window is not None:
+        keys, Y, v, h, s, mask, z = arhmm.segment_window((keys, Y, v, h, s, mask, z), *window)
+    ytil = kp.rotate(Y - v[..., None, :], -h)
+    ytil = ytil.reshape(ytil.shape[:2] + (-1,))
+    obs_var = jnp.repeat(s * params.sigmasq, num_dims, axis=-1)
+    Ctil, dtil = kp.lifted_emission(params.Cd, data.Gamma, num_dims)
 
     def one(k, y, r, m, z):
         return kalman.sample_latent_x(k, y, r, m, z, params.Ab, params.Q, Ctil, dtil, hypers.jitter, parallel)
 
-    args = (keys, ytil, obs_var, data.mask, state.z)
+    args = (keys, ytil, obs_var, mask, z)
     if parallel:
         return jax.vmap(one)(*args)[0]
     # serial sampler: segments in chunks, so that the per-step filter arrays stay in cache
@@ -149,11 +157,13 @@ def param_stats(state: KeypointState, data: KeypointData, hypers: KeypointHypers
     return arhmm.param_stats(state.z, state.x, data.mask, state.params.betas.shape[0], num_lags(hypers.arhmm.ar))
 
 
-def sample_labels(key, state: KeypointState, data: KeypointData) -> jax.Array:
-    """z | x, params by FFBS per segment (spec 3.5)."""
+def sample_labels(key, state: KeypointState, data: KeypointData, window=None) -> jax.Array:
+    """z | x, params by FFBS per segment (spec 3.5); ``window=(start, size)``: only those segments,
+    with the uniforms they get in the whole batch (``arhmm.sample_labels_grouped``)."""
     TRACE_COUNTS["keypoint_slds.sample_labels"] += 1
     data = arhmm.ARHMMData(state.x, data.mask)
-    return arhmm.sample_labels_grouped(key, data, state.params.ar, LABEL_RESIDUAL_DTYPE, LABEL_LOG_LIKE_DTYPE)
+    return arhmm.sample_labels_grouped(key, data, state.params.ar, LABEL_RESIDUAL_DTYPE, LABEL_LOG_LIKE_DTYPE,
+                                       window=window)
 
 
 def emission_switches(switches: Switches) -> Switches:
@@ -164,16 +174,45 @@ def emission_switches(switches: Switches) -> Switches:
 
 
 def sample_emission(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, switches: Switches):
-    """Steps 3-7 of a sweep: sigmasq (if resample_global_noise_scale), x, h (unless fix_heading), v, s."""
-    TRACE_COUNTS["keypoint_slds.sample_emission"] += 1
-    k_sigma, k_x, k_h, k_v, k_s = jax.random.split(key, 5)
+    """Steps 3-7 of a sweep: sigmasq (if resample_global_noise_scale), x, h (unless fix_heading), v, s.
+
+    The three pieces below, in one program; ``emission_x`` can also run per group of
+    segments (the estimators run the groups side by side on the CPU's cores)."""
+    state = emission_sigmasq(key, state, data, hypers, switches)
+    state = state._replace(x=emission_x(key, state, data, hypers, switches))
+    return emission_after_x(key, state, data, hypers, switches)
+
+
+def _emission_keys(key):
+    """(sigmasq, x, h, v, s) keys of the emission step."""
+    return jax.random.split(key, 5)
+
+
+def emission_sigmasq(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, switches: Switches):
+    """Step 3: sigmasq | s, x, h, v if resample_global_noise_scale (else ``state`` as is)."""
+    if not switches.resample_global_noise_scale:
+        return state
     params = state.params
     dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
-    if switches.resample_global_noise_scale:
-        errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
-        sigmasq = kp.sample_global_scales(k_sigma, errors, state.s, data.mask, hypers.nu_sigma, hypers.sigmasq_0, dof)
-        state = state._replace(params=params._replace(sigmasq=sigmasq))
-    state = state._replace(x=sample_x(k_x, state, data, hypers, switches.parallel_message_passing))
+    errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
+    sigmasq = kp.sample_global_scales(_emission_keys(key)[0], errors, state.s, data.mask, hypers.nu_sigma,
+                                      hypers.sigmasq_0, dof)
+    return state._replace(params=params._replace(sigmasq=sigmasq))
+
+
+def emission_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, switches: Switches,
+               window=None):
+    """Step 4: x of all segments, or of ``window=(start, size)`` of them (same draws, ``sample_x``)."""
+    TRACE_COUNTS["keypoint_slds.emission_x"] += 1
+    return sample_x(_emission_keys(key)[1], state, data, hypers, switches.parallel_message_passing, window)
+
+
+def emission_after_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, switches: Switches):
+    """Steps 5-7 given the new x: h (unless fix_heading), v, s."""
+    TRACE_COUNTS["keypoint_slds.sample_emission"] += 1
+    _, _, k_h, k_v, k_s = _emission_keys(key)
+    params = state.params
+    dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
     if not switches.fix_heading:
         h = kp.sample_heading(k_h, data.Y, state.x, state.v, state.s, state.params.sigmasq, params.Cd, data.Gamma)
         state = state._replace(h=h)

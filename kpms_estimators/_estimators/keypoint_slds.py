@@ -16,8 +16,50 @@ from .._core import arhmm as ar_core
 from .._core import keypoint_slds as core
 from .._core.autoregressive import make_ar_prior
 from .._core.keypoints import centring_embedding
+from . import _groups
 from ._base import REDUCTION_OPTIONS, GibbsEstimator, _fingerprint, compiled, float64
 from .arhmm import params_given_stats
+
+_labels_all = compiled(core.sample_labels)
+_labels_window = compiled(lambda key, state, data, start, size: core.sample_labels(key, state, data, (start, size)),
+                          static_argnames="size")
+_emission_all = compiled(core.sample_emission, options=REDUCTION_OPTIONS, static_argnames="switches")
+_emission_sigmasq = compiled(core.emission_sigmasq, options=REDUCTION_OPTIONS, static_argnames="switches")
+_emission_x_window = compiled(
+    lambda key, state, data, hypers, start, switches, size: core.emission_x(key, state, data, hypers, switches,
+                                                                             (start, size)),
+    options=REDUCTION_OPTIONS, static_argnames=("switches", "size"))
+_emission_after_x = compiled(core.emission_after_x, options=REDUCTION_OPTIONS, static_argnames="switches")
+
+
+def _labels(key, state, data):
+    """z for all segments: one program, or one per window of segments side by side on the CPU's
+    cores (``_groups``; the same labels)."""
+    spans = _groups.plan(data.mask.shape[0], key, state, data)
+    if spans is None:
+        return _labels_all(key, state, data)
+    key, state, data = jax.device_put((key, state, data))
+    pieces = _groups.side_by_side("labels", lambda start, size: _labels_window(key, state, data, start, size=size),
+                                  spans, state, data)
+    return _groups.assemble(pieces, spans)
+
+
+def _emission(key, state, data, hypers, switches):
+    """Steps 3-7 (``core.sample_emission``): one program, or the latent pose x per window of
+    segments side by side on the CPU's cores between the other steps (the same draws)."""
+    spans = _groups.plan(data.mask.shape[0], key, state, data, hypers)
+    if spans is None:
+        return _emission_all(key, state, data, hypers, switches=switches)
+    key, state, data, hypers = jax.device_put((key, state, data, hypers))
+    if switches.resample_global_noise_scale:
+        state = _emission_sigmasq(key, state, data, hypers, switches=switches)
+    pieces = _groups.side_by_side(
+        f"emission_x {switches}",
+        lambda start, size: _emission_x_window(key, state, data, hypers, start, switches=switches, size=size),
+        spans, state, data, hypers)
+    state = state._replace(x=_groups.assemble(pieces, spans))
+    return _emission_after_x(key, state, data, hypers, switches=switches)
+
 
 #: The sweep's pieces, each compiled once per shape and shared: the AR-only and the full
 #: stage, the initialisation and apply's states-only sweeps run the same programs, so the
@@ -25,8 +67,8 @@ from .arhmm import params_given_stats
 _PARTS = core.SweepParts(
     param_stats=compiled(core.param_stats),
     params_given_stats=params_given_stats,
-    labels=compiled(core.sample_labels),
-    emission=compiled(core.sample_emission, options=REDUCTION_OPTIONS, static_argnames="switches"),
+    labels=_labels,
+    emission=_emission,
     info=compiled(core.sweep_info, options=REDUCTION_OPTIONS),
     noise_scales=compiled(core.resample_noise_scales, static_argnames="reference_compat"),
 )

@@ -1,0 +1,116 @@
+"""Groups of segments sampled side by side on the CPU's cores.
+
+The latent-pose and label draws are sequential loops over the frames of each segment
+(Kalman and HMM filters): XLA:CPU runs such a loop on one core at a time, so one
+program keeps a 2-core machine about half idle. The segments are conditionally
+independent given the parameters, and both draws can sample any window of segments
+with exactly the random numbers those segments get in the whole batch
+(``core.sample_x(..., window=)``, ``arhmm.sample_labels_grouped(..., window=)``), so the
+estimators split the segments into one window per core and run the windows' calls from
+as many host threads: the same draws, bit for bit, on any number of cores.
+
+``KPMS_SEGMENT_THREADS`` (environment) sets the number of windows; 1 turns this off
+(e.g. in joblib workers that already use every core). Off the CPU it is off by default:
+an accelerator runs all segments of one program in parallel.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+
+#: At most this many windows (and host threads) by default.
+MAX_SEGMENT_THREADS = 8
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_COMPILED: set = set()
+
+
+def segment_threads() -> int:
+    """Windows of segments to run side by side: ``KPMS_SEGMENT_THREADS``, else the CPU cores
+    this process may use (at most ``MAX_SEGMENT_THREADS``) on the CPU backend, else 1."""
+    value = os.environ.get("KPMS_SEGMENT_THREADS", "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"KPMS_SEGMENT_THREADS must be a positive integer, got {value!r}.")
+        return threads
+    if jax.default_backend() != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_SEGMENT_THREADS))
+
+
+def windows(num_segments: int, threads: int) -> list[tuple[int, int]]:
+    """(start, size) of ``min(threads, num_segments)`` equal windows covering the segments in
+    order; the last one starts early (overlapping the one before) when they do not divide
+    evenly, so that every window has the same shape and one compiled program serves them all."""
+    size = -(-num_segments // max(1, min(threads, num_segments)))
+    groups = -(-num_segments // size)
+    return [(min(g * size, num_segments - size), size) for g in range(groups)]
+
+
+def plan(num_segments: int, *trees) -> list[tuple[int, int]] | None:
+    """The windows for a batch of ``num_segments`` segments, or None to run one program over all
+    of them (one window, or arguments being traced inside an outer ``jit``/``vmap``)."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees)):
+        return None
+    spans = windows(num_segments, segment_threads())
+    return spans if len(spans) > 1 else None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(MAX_SEGMENT_THREADS, thread_name_prefix="kpms-segments")
+        return _POOL
+
+
+def _signature(name: str, size: int, trees) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(trees)
+    return (name, size, treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+
+
+def side_by_side(name: str, fn, spans: list[tuple[int, int]], *trees) -> list:
+    """``[fn(start, size) for (start, size) in spans]``, the calls from separate host threads
+    (the caller's thread takes the first). JAX's precision setting (x64), which is scoped to
+    the calling thread, is carried over. The first call for a new ``(name, size, shapes of
+    trees)`` runs alone, so that the program compiles once instead of in every thread."""
+    x64 = bool(jax.config.jax_enable_x64)
+
+    def call(span):
+        with jax.enable_x64(x64):
+            return jax.block_until_ready(fn(*span))
+
+    signature = _signature(name, spans[0][1], trees)
+    results = []
+    if signature not in _COMPILED:
+        results.append(call(spans[0]))
+        _COMPILED.add(signature)
+        spans = spans[1:]
+    futures = [_pool().submit(call, span) for span in spans[1:]]
+    if spans:
+        results.append(call(spans[0]))
+    results.extend(f.result() for f in futures)
+    return results
+
+
+def assemble(pieces: list, spans: list[tuple[int, int]]):
+    """The whole batch's rows from one piece per window (``windows``: the last may overlap)."""
+    out, end = [], 0
+    for piece, (start, size) in zip(pieces, spans):
+        out.append(piece[end - start:] if end > start else piece)
+        end = start + size
+    return jnp.concatenate(out)

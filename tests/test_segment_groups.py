@@ -1,0 +1,79 @@
+"""Windows of segments sampled side by side on the CPU's cores (``_estimators._groups``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kpms_estimators import KeypointSLDS
+from kpms_estimators._estimators import _groups
+from kpms_estimators.datasets import simulate_keypoints
+
+
+@pytest.mark.parametrize("num_segments", [1, 2, 3, 4, 5, 7, 20])
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_windows_cover_the_segments_in_equal_windows(num_segments, threads):
+    spans = _groups.windows(num_segments, threads)
+    sizes = {size for _, size in spans}
+    assert len(sizes) == 1  # one compiled program serves every window
+    starts = [start for start, _ in spans]
+    assert starts == sorted(set(starts)) and starts[0] == 0
+    assert len(spans) <= min(threads, num_segments)  # never more windows than threads or segments
+    covered = np.zeros(num_segments, int)
+    for start, size in spans:
+        assert 0 <= start and start + size <= num_segments
+        covered[start:start + size] += 1
+    assert covered.min() == 1
+    # the windows are as small as the thread count allows; only the last may overlap
+    assert next(iter(sizes)) == -(-num_segments // min(threads, num_segments))
+    assert covered.max() <= 2
+
+
+def test_assemble_drops_the_overlap():
+    rows = np.arange(5)
+    spans = _groups.windows(5, 2)  # (0, 3), (2, 3)
+    assert spans == [(0, 3), (2, 3)]
+    pieces = [rows[s:s + n] for s, n in spans]
+    np.testing.assert_array_equal(_groups.assemble(pieces, spans), rows)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_bad_thread_setting_is_named(monkeypatch, value):
+    monkeypatch.setenv("KPMS_SEGMENT_THREADS", value)
+    with pytest.raises(ValueError, match="KPMS_SEGMENT_THREADS must be a positive integer"):
+        _groups.segment_threads()
+
+
+def test_thread_setting(monkeypatch):
+    monkeypatch.setenv("KPMS_SEGMENT_THREADS", "3")
+    assert _groups.segment_threads() == 3
+    monkeypatch.delenv("KPMS_SEGMENT_THREADS")
+    assert 1 <= _groups.segment_threads() <= _groups.MAX_SEGMENT_THREADS
+
+
+def test_side_by_side_gives_the_draws_of_one_program(monkeypatch):
+    """Fit and apply with the segments in 1, 2 (overlapping) and 3 windows: the same chain (the
+    windows draw with the keys and uniforms their segments get in the whole batch; XLA may round a
+    few float64 operations differently for another number of segments, ~1e-15 here), sigmasq
+    resampling included (its step runs before the windows)."""
+    sim = simulate_keypoints(n_keypoints=5, n_dims=2, n_states=3, n_recordings=3, n_frames=160, random_state=1)
+    runs = {}
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("KPMS_SEGMENT_THREADS", threads)
+        model = KeypointSLDS(n_states=6, latent_dim=2, n_ar_iter=2, n_iter=2, n_apply_iter=2,
+                             resample_global_noise_scale=True, random_state=0).fit(sim.poses)
+        runs[threads] = (model, model.transform(sim.poses))
+    model_1, out_1 = runs["1"]
+    assert model_1.chain_state_.x.shape[0] == 3  # three segments: windows of 1, and of 2 overlapping
+    for threads in ("2", "3"):
+        model, out = runs[threads]
+        close = dict(rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(model.log_likelihood_history_, model_1.log_likelihood_history_, **close)
+        np.testing.assert_array_equal(model.chain_state_.z, model_1.chain_state_.z)
+        for name in ("x", "h", "v", "s"):
+            np.testing.assert_allclose(getattr(model.chain_state_, name), getattr(model_1.chain_state_, name), **close)
+        np.testing.assert_allclose(model.chain_state_.params.sigmasq, model_1.chain_state_.params.sigmasq, **close)
+        for rec in out_1:
+            np.testing.assert_array_equal(out[rec]["syllable"].values, out_1[rec]["syllable"].values)
+            for var in ("latent_state", "centroid", "heading"):
+                np.testing.assert_allclose(out[rec][var].values, out_1[rec][var].values, **close)
