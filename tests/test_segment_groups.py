@@ -49,6 +49,11 @@ def test_thread_setting(monkeypatch):
     assert _groups.segment_threads() == 3
     monkeypatch.delenv("KPMS_SEGMENT_THREADS")
     assert 1 <= _groups.segment_threads() <= _groups.MAX_SEGMENT_THREADS
+    # joblib workers sharing the cores (docs/design.md): one window
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    assert _groups.segment_threads() == 1
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=2")
+    assert _groups.segment_threads() >= 1
 
 
 def test_side_by_side_gives_the_draws_of_one_program(monkeypatch):

@@ -9,9 +9,10 @@ with exactly the random numbers those segments get in the whole batch
 estimators split the segments into one window per core and run the windows' calls from
 as many host threads: the same draws, bit for bit, on any number of cores.
 
-``KPMS_SEGMENT_THREADS`` (environment) sets the number of windows; 1 turns this off
-(e.g. in joblib workers that already use every core). Off the CPU it is off by default:
-an accelerator runs all segments of one program in parallel.
+``KPMS_SEGMENT_THREADS`` (environment) sets the number of windows; 1 turns this off. It is
+off by default off the CPU (an accelerator runs all segments of one program in parallel) and
+in processes whose ``XLA_FLAGS`` ask for ``intra_op_parallelism_threads=1`` (the setting of
+joblib workers that share the machine's cores, docs/design.md).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ _COMPILED: set = set()
 
 def segment_threads() -> int:
     """Windows of segments to run side by side: ``KPMS_SEGMENT_THREADS``, else the CPU cores
-    this process may use (at most ``MAX_SEGMENT_THREADS``) on the CPU backend, else 1."""
+    this process may use (at most ``MAX_SEGMENT_THREADS``) on the CPU backend, else 1 (see
+    the module's docstring)."""
     value = os.environ.get("KPMS_SEGMENT_THREADS", "").strip()
     if value:
         try:
@@ -43,13 +45,19 @@ def segment_threads() -> int:
         if threads < 1:
             raise ValueError(f"KPMS_SEGMENT_THREADS must be a positive integer, got {value!r}.")
         return threads
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or _single_threaded_xla():
         return 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, MAX_SEGMENT_THREADS))
+
+
+def _single_threaded_xla() -> bool:
+    """Whether XLA_FLAGS asks for one thread per process (as in joblib workers, docs/design.md)."""
+    flags = os.environ.get("XLA_FLAGS", "").replace("=", " ").split()
+    return any(a == "intra_op_parallelism_threads" and b == "1" for a, b in zip(flags, flags[1:]))
 
 
 def windows(num_segments: int, threads: int) -> list[tuple[int, int]]:
