@@ -69,13 +69,10 @@ def windows(num_segments: int, threads: int) -> list[tuple[int, int]]:
     return [(min(g * size, num_segments - size), size) for g in range(groups)]
 
 
-def plan(num_segments: int, *trees) -> list[tuple[int, int]] | None:
-    """The windows for a batch of ``num_segments`` segments, or None to run one program over all
-    of them (one window, or arguments being traced inside an outer ``jit``/``vmap``)."""
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees)):
-        return None
-    spans = windows(num_segments, segment_threads())
-    return spans if len(spans) > 1 else None
+def traced(*trees) -> bool:
+    """Whether any argument is being traced (inside an outer ``jit`` or ``vmap``): then the
+    caller runs its plain function in that trace instead of separate programs and threads."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -102,6 +99,8 @@ def side_by_side(name: str, fn, spans: list[tuple[int, int]], *trees) -> list:
         with jax.enable_x64(x64):
             return jax.block_until_ready(fn(*span))
 
+    if len(spans) == 1:
+        return [fn(*spans[0])]
     signature = _signature(name, spans[0][1], trees)
     results = []
     if signature not in _COMPILED:
@@ -115,8 +114,23 @@ def side_by_side(name: str, fn, spans: list[tuple[int, int]], *trees) -> list:
     return results
 
 
+def compile_ahead(name: str, fn, *args, **kwargs):
+    """Trace ``fn`` (a ``compiled`` function) for these arguments here and compile it in a pool
+    thread, the first time ``name`` meets their shapes, so that XLA compiles it on another core
+    while the caller goes on (tracing holds Python's lock; XLA's compile does not). Returns
+    the compile's future (``result()`` waits for it and raises its error, if any; the call
+    itself then finds the program in JAX's cache), or None when the shapes were seen before."""
+    signature = _signature(name, 0, (args, kwargs))
+    if signature in _COMPILED:
+        return None
+    _COMPILED.add(signature)
+    return _pool().submit(fn.lower(*args, **kwargs).compile)
+
+
 def assemble(pieces: list, spans: list[tuple[int, int]]):
     """The whole batch's rows from one piece per window (``windows``: the last may overlap)."""
+    if len(pieces) == 1:
+        return pieces[0]
     out, end = [], 0
     for piece, (start, size) in zip(pieces, spans):
         out.append(piece[end - start:] if end > start else piece)

@@ -20,10 +20,8 @@ from . import _groups
 from ._base import REDUCTION_OPTIONS, GibbsEstimator, _fingerprint, compiled, float64
 from .arhmm import params_given_stats
 
-_labels_all = compiled(core.sample_labels)
 _labels_window = compiled(lambda key, state, data, start, size: core.sample_labels(key, state, data, (start, size)),
                           static_argnames="size")
-_emission_all = compiled(core.sample_emission, options=REDUCTION_OPTIONS, static_argnames="switches")
 _emission_sigmasq = compiled(core.emission_sigmasq, options=REDUCTION_OPTIONS, static_argnames="switches")
 _emission_x_window = compiled(
     lambda key, state, data, hypers, start, switches, size: core.emission_x(key, state, data, hypers, switches,
@@ -33,11 +31,11 @@ _emission_after_x = compiled(core.emission_after_x, options=REDUCTION_OPTIONS, s
 
 
 def _labels(key, state, data):
-    """z for all segments: one program, or one per window of segments side by side on the CPU's
-    cores (``_groups``; the same labels)."""
-    spans = _groups.plan(data.mask.shape[0], key, state, data)
-    if spans is None:
-        return _labels_all(key, state, data)
+    """z (``core.sample_labels``) per window of segments, the windows side by side on the CPU's
+    cores (``_groups``; the same labels as one program over all segments)."""
+    if _groups.traced(key, state, data):
+        return core.sample_labels(key, state, data)
+    spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
     key, state, data = jax.device_put((key, state, data))
     pieces = _groups.side_by_side("labels", lambda start, size: _labels_window(key, state, data, start, size=size),
                                   spans, state, data)
@@ -45,19 +43,23 @@ def _labels(key, state, data):
 
 
 def _emission(key, state, data, hypers, switches):
-    """Steps 3-7 (``core.sample_emission``): one program, or the latent pose x per window of
-    segments side by side on the CPU's cores between the other steps (the same draws)."""
-    spans = _groups.plan(data.mask.shape[0], key, state, data, hypers)
-    if spans is None:
-        return _emission_all(key, state, data, hypers, switches=switches)
+    """Steps 3-7 (``core.sample_emission``) as three programs: sigmasq (if resampled), the latent
+    pose x per window of segments side by side on the CPU's cores (the same draws), then h, v,
+    s, which compile on another core while the first x window compiles and runs."""
+    if _groups.traced(key, state, data, hypers):
+        return core.sample_emission(key, state, data, hypers, switches)
+    spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
     key, state, data, hypers = jax.device_put((key, state, data, hypers))
     if switches.resample_global_noise_scale:
         state = _emission_sigmasq(key, state, data, hypers, switches=switches)
+    ahead = _groups.compile_ahead("emission_after_x", _emission_after_x, key, state, data, hypers, switches=switches)
     pieces = _groups.side_by_side(
         f"emission_x {switches}",
         lambda start, size: _emission_x_window(key, state, data, hypers, start, switches=switches, size=size),
         spans, state, data, hypers)
     state = state._replace(x=_groups.assemble(pieces, spans))
+    if ahead is not None:
+        ahead.result()
     return _emission_after_x(key, state, data, hypers, switches=switches)
 
 
