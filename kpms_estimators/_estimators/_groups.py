@@ -83,48 +83,46 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _POOL
 
 
-def _signature(name: str, size: int, trees) -> tuple:
-    leaves, treedef = jax.tree_util.tree_flatten(trees)
-    return (name, size, treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+def _signature(fn, args, static: dict) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    return (fn, repr(sorted(static.items())), treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
 
 
-def side_by_side(name: str, fn, spans: list[tuple[int, int]], *trees) -> list:
-    """``[fn(start, size) for (start, size) in spans]``, the calls from separate host threads
-    (the caller's thread takes the first). JAX's precision setting (x64), which is scoped to
-    the calling thread, is carried over. The first call for a new ``(name, size, shapes of
-    trees)`` runs alone, so that the program compiles once instead of in every thread."""
+def side_by_side(fn, spans: list[tuple[int, int]], *args, **static) -> list:
+    """``[fn(*args, start, size=size, **static) for (start, size) in spans]`` for a ``compiled``
+    ``fn``, the calls from separate host threads (the caller's thread takes the first). JAX's
+    precision setting (x64), which is scoped to the calling thread, is carried over. The first
+    time ``fn`` meets these shapes, its program is compiled in the caller's thread before the
+    windows run, so that it compiles once rather than in every thread."""
+    if len(spans) == 1:
+        start, size = spans[0]
+        return [fn(*args, start, size=size, **static)]
+    size = spans[0][1]
+    signature = _signature(fn, args, dict(static, size=size))
+    if signature not in _COMPILED:
+        fn.lower(*args, spans[0][0], size=size, **static).compile()
+        _COMPILED.add(signature)
     x64 = bool(jax.config.jax_enable_x64)
 
-    def call(span):
+    def call(start):
         with jax.enable_x64(x64):
-            return jax.block_until_ready(fn(*span))
+            return jax.block_until_ready(fn(*args, start, size=size, **static))
 
-    if len(spans) == 1:
-        return [fn(*spans[0])]
-    signature = _signature(name, spans[0][1], trees)
-    results = []
-    if signature not in _COMPILED:
-        results.append(call(spans[0]))
-        _COMPILED.add(signature)
-        spans = spans[1:]
-    futures = [_pool().submit(call, span) for span in spans[1:]]
-    if spans:
-        results.append(call(spans[0]))
-    results.extend(f.result() for f in futures)
-    return results
+    futures = [_pool().submit(call, start) for start, _ in spans[1:]]
+    return [call(spans[0][0])] + [f.result() for f in futures]
 
 
-def compile_ahead(name: str, fn, *args, **kwargs):
+def compile_ahead(fn, *args, **static):
     """Trace ``fn`` (a ``compiled`` function) for these arguments here and compile it in a pool
-    thread, the first time ``name`` meets their shapes, so that XLA compiles it on another core
-    while the caller goes on (tracing holds Python's lock; XLA's compile does not). Returns
-    the compile's future (``result()`` waits for it and raises its error, if any; the call
-    itself then finds the program in JAX's cache), or None when the shapes were seen before."""
-    signature = _signature(name, 0, (args, kwargs))
+    thread, the first time it meets their shapes, so that XLA compiles it on another core while
+    the caller goes on (tracing holds Python's lock; XLA's compile does not). Returns the
+    compile's future (``result()`` waits for it and raises its error, if any; the call itself
+    then finds the program in JAX's cache), or None when the shapes were seen before."""
+    signature = _signature(fn, args, static)
     if signature in _COMPILED:
         return None
     _COMPILED.add(signature)
-    return _pool().submit(fn.lower(*args, **kwargs).compile)
+    return _pool().submit(fn.lower(*args, **static).compile)
 
 
 def assemble(pieces: list, spans: list[tuple[int, int]]):

@@ -37,8 +37,7 @@ def _labels(key, state, data):
         return core.sample_labels(key, state, data)
     spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
     key, state, data = jax.device_put((key, state, data))
-    pieces = _groups.side_by_side("labels", lambda start, size: _labels_window(key, state, data, start, size=size),
-                                  spans, state, data)
+    pieces = _groups.side_by_side(_labels_window, spans, key, state, data)
     return _groups.assemble(pieces, spans)
 
 
@@ -52,11 +51,8 @@ def _emission(key, state, data, hypers, switches):
     key, state, data, hypers = jax.device_put((key, state, data, hypers))
     if switches.resample_global_noise_scale:
         state = _emission_sigmasq(key, state, data, hypers, switches=switches)
-    ahead = _groups.compile_ahead("emission_after_x", _emission_after_x, key, state, data, hypers, switches=switches)
-    pieces = _groups.side_by_side(
-        f"emission_x {switches}",
-        lambda start, size: _emission_x_window(key, state, data, hypers, start, switches=switches, size=size),
-        spans, state, data, hypers)
+    ahead = _groups.compile_ahead(_emission_after_x, key, state, data, hypers, switches=switches)
+    pieces = _groups.side_by_side(_emission_x_window, spans, key, state, data, hypers, switches=switches)
     state = state._replace(x=_groups.assemble(pieces, spans))
     if ahead is not None:
         ahead.result()
