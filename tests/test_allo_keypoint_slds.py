@@ -110,10 +110,12 @@ def test_sweep_parts_compile_once_per_shape(sim, fitted):
     trace nothing new."""
     from kpms_estimators._core import keypoint_slds as kslds
 
-    for part in ("allo.allo_params", "allo.sample_labels", "allo.sample_emission", "keypoint_slds.param_stats",
-                 "keypoint_slds.sample_labels"):
+    for part in ("allo.allo_params", "allo.sample_labels", "allo.emission_after_x", "keypoint_slds.emission_x",
+                 "keypoint_slds.param_stats", "keypoint_slds.sample_labels"):
         assert _FIT_TRACES[part] == 1, (part, _FIT_TRACES)
-    assert _FIT_TRACES["allo.gibbs_step"] == 0 and _FIT_TRACES["keypoint_slds.sample_emission"] == 0, _FIT_TRACES
+    # the emission runs as x windows + the steps after x (estimator), never as one program
+    for part in ("allo.gibbs_step", "allo.sample_emission", "keypoint_slds.sample_emission"):
+        assert _FIT_TRACES[part] == 0, (part, _FIT_TRACES)
     now = {**allo.TRACE_COUNTS, **kslds.TRACE_COUNTS}
     fitted.predict(sim.poses)
     copy.deepcopy(fitted).set_params(n_iter=1).partial_fit(sim.poses)

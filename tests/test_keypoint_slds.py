@@ -141,7 +141,7 @@ def test_reproducible_and_compiles_once(sim):
     count = dict(core.TRACE_COUNTS)
     # a shape no other test uses: init, the AR-only and full stages and predict's states-only
     # sweeps each trace the shared parts once (compile once per shape)
-    for part in ("param_stats", "sample_labels", "sample_emission"):
+    for part in ("param_stats", "sample_labels", "sample_emission", "emission_x"):
         assert count[f"keypoint_slds.{part}"] - before[f"keypoint_slds.{part}"] == 1, part
     second = KeypointSLDS(**SMALL).fit(poses)
     second.partial_fit(poses)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kpms_estimators import KeypointSLDS
+from kpms_estimators import AlloKeypointSLDS, KeypointSLDS
 from kpms_estimators._estimators import _groups
 from kpms_estimators.datasets import simulate_keypoints
 
@@ -56,21 +56,24 @@ def test_thread_setting(monkeypatch):
     assert _groups.segment_threads() >= 1
 
 
-def test_side_by_side_gives_the_draws_of_one_program(monkeypatch):
+@pytest.mark.parametrize("estimator,thread_counts", [(KeypointSLDS, ("1", "2", "3")), (AlloKeypointSLDS, ("1", "2"))])
+def test_side_by_side_gives_the_draws_of_one_program(monkeypatch, estimator, thread_counts):
     """Fit and apply with the segments in 1, 2 (overlapping) and 3 windows: the same chain (the
     windows draw with the keys and uniforms their segments get in the whole batch; XLA may round a
     few float64 operations differently for another number of segments, ~1e-15 here), sigmasq
     resampling included (its step runs before the windows)."""
-    sim = simulate_keypoints(n_keypoints=5, n_dims=2, n_states=3, n_recordings=3, n_frames=160, random_state=1)
+    location_aware = estimator is AlloKeypointSLDS
+    sim = simulate_keypoints(n_keypoints=5, n_dims=2, n_states=3, n_recordings=3, n_frames=160,
+                             location_aware=location_aware, random_state=1)
     runs = {}
-    for threads in ("1", "2", "3"):
+    for threads in thread_counts:
         monkeypatch.setenv("KPMS_SEGMENT_THREADS", threads)
-        model = KeypointSLDS(n_states=6, latent_dim=2, n_ar_iter=2, n_iter=2, n_apply_iter=2,
-                             resample_global_noise_scale=True, random_state=0).fit(sim.poses)
+        model = estimator(n_states=6, latent_dim=2, n_ar_iter=2, n_iter=2, n_apply_iter=2,
+                          resample_global_noise_scale=True, random_state=0).fit(sim.poses)
         runs[threads] = (model, model.transform(sim.poses))
     model_1, out_1 = runs["1"]
     assert model_1.chain_state_.x.shape[0] == 3  # three segments: windows of 1, and of 2 overlapping
-    for threads in ("2", "3"):
+    for threads in thread_counts[1:]:
         model, out = runs[threads]
         close = dict(rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(model.log_likelihood_history_, model_1.log_likelihood_history_, **close)

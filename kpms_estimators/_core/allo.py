@@ -40,7 +40,8 @@ from .distributions import normal_from_uniform, sample_log_gamma, uniforms
 from .kalman import _chol_inv_small, _mm, _mm_nt, _mm_tn, _mv
 
 #: Incremented each time ``gibbs_step`` is traced (tests assert one trace per shape).
-TRACE_COUNTS = {"allo.gibbs_step": 0, "allo.allo_params": 0, "allo.sample_labels": 0, "allo.sample_emission": 0}
+TRACE_COUNTS = {"allo.gibbs_step": 0, "allo.allo_params": 0, "allo.sample_labels": 0, "allo.sample_emission": 0,
+                "allo.emission_after_x": 0}
 
 #: Prior variance of every coordinate of (h_0, v_0) in the (h, v) filter (spec 5.4).
 PRIOR_VARIANCE = 1e4
@@ -505,24 +506,37 @@ def redraw_allo_params(key, state: AlloState, data: kslds.KeypointData, hypers: 
     return state._replace(params=params)
 
 
-def sample_labels(key, state: AlloState, data: kslds.KeypointData) -> jax.Array:
-    """z | x, h, v, params by FFBS with the AR + allo log-likelihoods (spec 5.3)."""
+def sample_labels(key, state: AlloState, data: kslds.KeypointData, window=None) -> jax.Array:
+    """z | x, h, v, params by FFBS with the AR + allo log-likelihoods (spec 5.3); ``window=(start,
+    size)``: only those segments, with the uniforms they get in the whole batch (same labels)."""
     TRACE_COUNTS["allo.sample_labels"] += 1
-    return arhmm.sample_z(key, masked_log_likes(state, data), state.params.pi)[0]
+    if window is None:
+        return arhmm.sample_z(key, masked_log_likes(state, data), state.params.pi)[0]
+    num_segments = data.mask.shape[0]
+    state, data = kslds.segment_rows(state, data, *window)
+    log_likes = masked_log_likes(state, data)
+    dtype = jnp.result_type(log_likes.dtype, state.params.pi.dtype)
+    u = jax.random.uniform(key, (num_segments, log_likes.shape[1]), dtype)  # as arhmm.sample_z draws them
+    u = arhmm.segment_window(u, *window)
+    return jax.vmap(hmm.sample_states_from_uniforms, in_axes=(0, 0, None))(u, log_likes, state.params.pi)[0]
 
 
 def sample_emission(key, state: AlloState, data: kslds.KeypointData, hypers: AlloHypers, switches: AlloSwitches):
     """Steps 3-6 of a sweep: sigmasq (if resample_global_noise_scale), x, (h, v) jointly (or h then v
-    by the keypoint SLDS conditionals with ignore_allo_dynamics), s."""
+    by the keypoint SLDS conditionals with ignore_allo_dynamics), s.
+
+    sigmasq and x are the keypoint SLDS's steps (``kslds.emission_sigmasq``, ``kslds.emission_x``,
+    which the estimator can run per window of segments); then ``emission_after_x``."""
     TRACE_COUNTS["allo.sample_emission"] += 1
-    k_sigma, k_x, k_h, k_v, k_s = jax.random.split(key, 5)
-    params = state.params
-    if switches.resample_global_noise_scale:
-        dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
-        errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
-        sigmasq = kp.sample_global_scales(k_sigma, errors, state.s, data.mask, hypers.nu_sigma, hypers.sigmasq_0, dof)
-        state = state._replace(params=params._replace(sigmasq=sigmasq))
-    state = state._replace(x=kslds.sample_x(k_x, state, data, hypers, switches.parallel_message_passing))
+    state = kslds.emission_sigmasq(key, state, data, hypers, switches)
+    state = state._replace(x=kslds.emission_x(key, state, data, hypers, switches))
+    return emission_after_x(key, state, data, hypers, switches)
+
+
+def emission_after_x(key, state: AlloState, data: kslds.KeypointData, hypers: AlloHypers, switches: AlloSwitches):
+    """Steps 5-6 given the new x: (h, v), then s (the keys of ``kslds.sample_emission``'s split)."""
+    TRACE_COUNTS["allo.emission_after_x"] += 1
+    _, _, k_h, k_v, k_s = kslds.emission_keys(key)
     if switches.ignore_allo_dynamics:
         p = state.params
         state = state._replace(h=kp.sample_heading(k_h, data.Y, state.x, state.v, state.s, p.sigmasq, p.Cd, data.Gamma))

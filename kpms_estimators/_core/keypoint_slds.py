@@ -95,6 +95,14 @@ def _with_ar(params: KeypointParams, ar: arhmm.ARHMMParams) -> KeypointParams:
     return params._replace(betas=ar.betas, pi=ar.pi, Ab=ar.Ab, Q=ar.Q)
 
 
+def segment_rows(state, data: KeypointData, start, size: int):
+    """``state`` and ``data`` cut to segments ``start .. start + size - 1`` (``start`` may be traced)."""
+    rows = arhmm.segment_window((state.x, state.z, state.h, state.v, state.s, data.Y, data.conf, data.mask, data.s0),
+                                start, size)
+    x, z, h, v, s, Y, conf, mask, s0 = rows
+    return state._replace(x=x, z=z, h=h, v=v, s=s), data._replace(Y=Y, conf=conf, mask=mask, s0=s0)
+
+
 def sample_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, parallel: bool, window=None):
     """x | z, h, v, s, params by Kalman FFBS in the lifted AR state, per segment (spec 4.2).
 
@@ -183,7 +191,7 @@ def sample_emission(key, state: KeypointState, data: KeypointData, hypers: Keypo
     return emission_after_x(key, state, data, hypers, switches)
 
 
-def _emission_keys(key):
+def emission_keys(key):
     """(sigmasq, x, h, v, s) keys of the emission step."""
     return jax.random.split(key, 5)
 
@@ -195,7 +203,7 @@ def emission_sigmasq(key, state: KeypointState, data: KeypointData, hypers: Keyp
     params = state.params
     dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
     errors = kp.squared_errors(data.Y, state.x, state.h, state.v, params.Cd, data.Gamma)
-    sigmasq = kp.sample_global_scales(_emission_keys(key)[0], errors, state.s, data.mask, hypers.nu_sigma,
+    sigmasq = kp.sample_global_scales(emission_keys(key)[0], errors, state.s, data.mask, hypers.nu_sigma,
                                       hypers.sigmasq_0, dof)
     return state._replace(params=params._replace(sigmasq=sigmasq))
 
@@ -204,13 +212,13 @@ def emission_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHy
                window=None):
     """Step 4: x of all segments, or of ``window=(start, size)`` of them (same draws, ``sample_x``)."""
     TRACE_COUNTS["keypoint_slds.emission_x"] += 1
-    return sample_x(_emission_keys(key)[1], state, data, hypers, switches.parallel_message_passing, window)
+    return sample_x(emission_keys(key)[1], state, data, hypers, switches.parallel_message_passing, window)
 
 
 def emission_after_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, switches: Switches):
     """Steps 5-7 given the new x: h (unless fix_heading), v, s."""
     TRACE_COUNTS["keypoint_slds.sample_emission"] += 1
-    _, _, k_h, k_v, k_s = _emission_keys(key)
+    _, _, k_h, k_v, k_s = emission_keys(key)
     params = state.params
     dof = kp.noise_dof(data.Y.shape[-1], switches.reference_compat)
     if not switches.fix_heading:

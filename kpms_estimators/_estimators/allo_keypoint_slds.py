@@ -7,12 +7,12 @@ import jax.numpy as jnp
 from .._core import allo
 from ._base import REDUCTION_OPTIONS, compiled
 from .keypoint_slds import _PARTS as _KEYPOINT_PARTS
-from .keypoint_slds import KeypointSLDS, _Kernels
+from .keypoint_slds import KeypointSLDS, _Kernels, windowed_emission, windowed_labels
 
 _PARTS = allo.SweepParts(
     allo_params=compiled(allo.redraw_allo_params),
-    labels=compiled(allo.sample_labels),
-    emission=compiled(allo.sample_emission, options=REDUCTION_OPTIONS, static_argnames="switches"),
+    labels=windowed_labels(allo.sample_labels),
+    emission=windowed_emission(allo.sample_emission, allo.emission_after_x),
     info=compiled(allo.sweep_info, options=REDUCTION_OPTIONS),
 )
 

@@ -20,43 +20,52 @@ from . import _groups
 from ._base import REDUCTION_OPTIONS, GibbsEstimator, _fingerprint, compiled, float64
 from .arhmm import params_given_stats
 
-_labels_window = compiled(lambda key, state, data, start, size: core.sample_labels(key, state, data, (start, size)),
-                          static_argnames="size")
 _emission_sigmasq = compiled(core.emission_sigmasq, options=REDUCTION_OPTIONS, static_argnames="switches")
 _emission_x_window = compiled(
     lambda key, state, data, hypers, start, switches, size: core.emission_x(key, state, data, hypers, switches,
                                                                              (start, size)),
     options=REDUCTION_OPTIONS, static_argnames=("switches", "size"))
-_emission_after_x = compiled(core.emission_after_x, options=REDUCTION_OPTIONS, static_argnames="switches")
 
 
-def _labels(key, state, data):
-    """z (``core.sample_labels``) per window of segments, the windows side by side on the CPU's
-    cores (``_groups``; the same labels as one program over all segments)."""
-    if _groups.traced(key, state, data):
-        return core.sample_labels(key, state, data)
-    spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
-    key, state, data = jax.device_put((key, state, data))
-    pieces = _groups.side_by_side(_labels_window, spans, key, state, data)
-    return _groups.assemble(pieces, spans)
+def windowed_labels(sample_labels):
+    """The label part from a core ``sample_labels(key, state, data, window=None)``: per window of
+    segments, the windows side by side on the CPU's cores (``_groups``; the same labels as one
+    program over all segments)."""
+    window_program = compiled(lambda key, state, data, start, size: sample_labels(key, state, data, (start, size)),
+                              static_argnames="size")
+
+    def labels(key, state, data):
+        if _groups.traced(key, state, data):
+            return sample_labels(key, state, data)
+        spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
+        key, state, data = jax.device_put((key, state, data))
+        return _groups.assemble(_groups.side_by_side(window_program, spans, key, state, data), spans)
+
+    return labels
 
 
-def _emission(key, state, data, hypers, switches):
-    """Steps 3-7 (``core.sample_emission``) as three programs: sigmasq (if resampled), the latent
-    pose x per window of segments side by side on the CPU's cores (the same draws), then h, v,
-    s, which compile on another core while the first x window compiles and runs."""
-    if _groups.traced(key, state, data, hypers):
-        return core.sample_emission(key, state, data, hypers, switches)
-    spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
-    key, state, data, hypers = jax.device_put((key, state, data, hypers))
-    if switches.resample_global_noise_scale:
-        state = _emission_sigmasq(key, state, data, hypers, switches=switches)
-    ahead = _groups.compile_ahead(_emission_after_x, key, state, data, hypers, switches=switches)
-    pieces = _groups.side_by_side(_emission_x_window, spans, key, state, data, hypers, switches=switches)
-    state = state._replace(x=_groups.assemble(pieces, spans))
-    if ahead is not None:
-        ahead.result()
-    return _emission_after_x(key, state, data, hypers, switches=switches)
+def windowed_emission(sample_emission, emission_after_x):
+    """The emission part from a core ``sample_emission`` made of ``core.emission_sigmasq``,
+    ``core.emission_x`` and ``emission_after_x``, as three programs: sigmasq (if resampled), the
+    latent pose x per window of segments side by side on the CPU's cores (the same draws), then
+    the rest, which compiles on another core while the x windows compile and run."""
+    after_program = compiled(emission_after_x, options=REDUCTION_OPTIONS, static_argnames="switches")
+
+    def emission(key, state, data, hypers, switches):
+        if _groups.traced(key, state, data, hypers):
+            return sample_emission(key, state, data, hypers, switches)
+        spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
+        key, state, data, hypers = jax.device_put((key, state, data, hypers))
+        if switches.resample_global_noise_scale:
+            state = _emission_sigmasq(key, state, data, hypers, switches=switches)
+        ahead = _groups.compile_ahead(after_program, key, state, data, hypers, switches=switches)
+        pieces = _groups.side_by_side(_emission_x_window, spans, key, state, data, hypers, switches=switches)
+        state = state._replace(x=_groups.assemble(pieces, spans))
+        if ahead is not None:
+            ahead.result()
+        return after_program(key, state, data, hypers, switches=switches)
+
+    return emission
 
 
 #: The sweep's pieces, each compiled once per shape and shared: the AR-only and the full
@@ -65,8 +74,8 @@ def _emission(key, state, data, hypers, switches):
 _PARTS = core.SweepParts(
     param_stats=compiled(core.param_stats),
     params_given_stats=params_given_stats,
-    labels=_labels,
-    emission=_emission,
+    labels=windowed_labels(core.sample_labels),
+    emission=windowed_emission(core.sample_emission, core.emission_after_x),
     info=compiled(core.sweep_info, options=REDUCTION_OPTIONS),
     noise_scales=compiled(core.resample_noise_scales, static_argnames="reference_compat"),
 )
