@@ -23,13 +23,14 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 #: At most this many windows (and host threads) by default.
 MAX_SEGMENT_THREADS = 8
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
-_COMPILED: set = set()
+_COMPILED: dict = {}  # signature -> future of its compile (None: compiled here)
 
 
 def segment_threads() -> int:
@@ -84,24 +85,56 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _signature(fn, args, static: dict) -> tuple:
+    """What decides the program ``fn`` compiles for: the static arguments, the argument tree, and
+    each array's shape and dtype (arrays, NumPy arrays, ``jax.ShapeDtypeStruct``s alike)."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    return (fn, repr(sorted(static.items())), treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+    shapes = tuple((tuple(a.shape), str(a.dtype), bool(getattr(a, "weak_type", False))) if hasattr(a, "dtype")
+                   else ((), str(np.result_type(a)), True) for a in leaves)
+    return (fn, repr(sorted(static.items())), treedef, shapes)
+
+
+def _compile_once(signature, compile_fn, here: bool):
+    """Compile for ``signature`` once (``compile_fn()``), in this thread or in the pool; a call
+    for a signature already compiling waits for it. Returns the compile's future, or None."""
+    with _POOL_LOCK:
+        future = _COMPILED.get(signature)
+        if future is None and signature not in _COMPILED:
+            future = concurrent.futures.Future() if here else None
+            _COMPILED[signature] = future
+            mine = True
+        else:
+            mine = False
+    if mine and here:
+        try:
+            compile_fn()
+            future.set_result(None)
+        except BaseException as error:  # the waiting threads get it too
+            future.set_exception(error)
+            with _POOL_LOCK:
+                _COMPILED.pop(signature, None)
+            raise
+        return None
+    if mine:
+        future = _pool().submit(compile_fn)
+        with _POOL_LOCK:
+            _COMPILED[signature] = future
+        return future
+    return future
 
 
 def side_by_side(fn, spans: list[tuple[int, int]], *args, **static) -> list:
     """``[fn(*args, start, size=size, **static) for (start, size) in spans]`` for a ``compiled``
     ``fn``, the calls from separate host threads (the caller's thread takes the first). JAX's
     precision setting (x64), which is scoped to the calling thread, is carried over. The first
-    time ``fn`` meets these shapes, its program is compiled in the caller's thread before the
-    windows run, so that it compiles once rather than in every thread."""
-    if len(spans) == 1:
-        start, size = spans[0]
-        return [fn(*args, start, size=size, **static)]
+    time ``fn`` meets these shapes, its program is compiled (here, or by ``compile_windows_ahead``)
+    before the windows run, so that it compiles once rather than in every thread."""
     size = spans[0][1]
-    signature = _signature(fn, args, dict(static, size=size))
-    if signature not in _COMPILED:
-        fn.lower(*args, spans[0][0], size=size, **static).compile()
-        _COMPILED.add(signature)
+    pending = _compile_once(_signature(fn, args, dict(static, size=size)),
+                            lambda: fn.lower(*args, spans[0][0], size=size, **static).compile(), here=True)
+    if pending is not None:
+        pending.result()
+    if len(spans) == 1:
+        return [fn(*args, spans[0][0], size=size, **static)]
     x64 = bool(jax.config.jax_enable_x64)
 
     def call(start):
@@ -112,17 +145,27 @@ def side_by_side(fn, spans: list[tuple[int, int]], *args, **static) -> list:
     return [call(spans[0][0])] + [f.result() for f in futures]
 
 
-def compile_ahead(fn, *args, **static):
+def compile_windows_ahead(fn, spans: list[tuple[int, int]], *args, **static):
+    """``compile_ahead`` for the window program that ``side_by_side(fn, spans, *args, **static)``
+    will run (``args`` may be ``jax.ShapeDtypeStruct``s)."""
+    size = spans[0][1]
+    return compile_ahead(fn, *args, spans[0][0], size=size, _signature_args=args, **static)
+
+
+def compile_ahead(fn, *args, _signature_args=None, **static):
     """Trace ``fn`` (a ``compiled`` function) for these arguments here and compile it in a pool
     thread, the first time it meets their shapes, so that XLA compiles it on another core while
-    the caller goes on (tracing holds Python's lock; XLA's compile does not). Returns the
-    compile's future (``result()`` waits for it and raises its error, if any; the call itself
-    then finds the program in JAX's cache), or None when the shapes were seen before."""
-    signature = _signature(fn, args, static)
-    if signature in _COMPILED:
-        return None
-    _COMPILED.add(signature)
-    return _pool().submit(fn.lower(*args, **static).compile)
+    the caller goes on (tracing holds Python's lock; XLA's compile does not). ``args`` may be
+    ``jax.ShapeDtypeStruct``s. Returns the compile's future (``result()`` waits for it and raises
+    its error, if any; the call itself then finds the program in JAX's cache), or None when the
+    shapes were seen before."""
+    signature = _signature(fn, args if _signature_args is None else _signature_args,
+                           static if _signature_args is None else dict(static))
+    with _POOL_LOCK:
+        if signature in _COMPILED:
+            return None
+    lowered = fn.lower(*args, **static)
+    return _compile_once(signature, lowered.compile, here=False)
 
 
 def assemble(pieces: list, spans: list[tuple[int, int]]):

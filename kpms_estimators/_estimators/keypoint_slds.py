@@ -41,6 +41,12 @@ def windowed_labels(sample_labels):
         key, state, data = jax.device_put((key, state, data))
         return _groups.assemble(_groups.side_by_side(window_program, spans, key, state, data), spans)
 
+    def compile_ahead(key, state, data):
+        """Start compiling the window program for these (possibly abstract) arguments."""
+        spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
+        return _groups.compile_windows_ahead(window_program, spans, key, state, data)
+
+    labels.compile_ahead = compile_ahead
     return labels
 
 
@@ -87,7 +93,55 @@ def _step(key, state, data, hypers, *, switches):
 
 
 def _init_state(key, x0, h0, v0, data, hypers, Cd, *, num_states, reference_compat):
+    _compile_parts_ahead(lambda parts: core.init_state(key, x0, h0, v0, data, hypers, Cd, num_states,
+                                                        reference_compat, parts=parts), _PARTS, core.PARTS)
     return core.init_state(key, x0, h0, v0, data, hypers, Cd, num_states, reference_compat, parts=_PARTS)
+
+
+def _abstract(tree):
+    """Tracers as ``jax.ShapeDtypeStruct``s (weak type kept); everything else as it is."""
+    def one(a):
+        if isinstance(a, jax.core.Tracer):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.aval.weak_type)
+        return a
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _compile_parts_ahead(run, parts, plain_parts) -> None:
+    """Compile the programs of ``parts`` that ``run(parts)`` calls, side by side in the pool,
+    before it runs.
+
+    ``run`` (an initialisation: its parts are called one after another, each on the results of
+    the one before) is traced once, abstractly, with ``plain_parts`` (the parts' plain functions)
+    that note the arguments' shapes; each noted part's program is then compiled on its own pool
+    thread, so that XLA's compiles, one core each, overlap. Returns when all are compiled; the
+    calls of ``run(parts)`` then find them in JAX's cache."""
+    if _groups.segment_threads() < 2:
+        return
+    noted = []
+
+    def noting(name, part):
+        def call(*args, **kwargs):
+            noted.append((name, _abstract(args), kwargs))
+            # as at a jit boundary: NumPy arrays become JAX values
+            return part(*jax.tree_util.tree_map(lambda a: jnp.asarray(a) if isinstance(a, np.ndarray) else a, args),
+                        **kwargs)
+        return call
+
+    counts = dict(core.TRACE_COUNTS)  # (the counters are for traces that compile; this one only reads shapes)
+    jax.eval_shape(lambda: run(plain_parts._replace(**{name: noting(name, getattr(plain_parts, name))
+                                                      for name in plain_parts._fields})))
+    core.TRACE_COUNTS.update(counts)
+    futures = []
+    for name, args, kwargs in noted:
+        part = getattr(parts, name)
+        if hasattr(part, "compile_ahead"):
+            futures.append(part.compile_ahead(*args, **kwargs))
+        elif hasattr(part, "lower"):
+            futures.append(_groups.compile_ahead(part, *args, **kwargs))
+    for future in futures:
+        if future is not None:
+            future.result()
 
 
 def _init_given_params(key, x0, h0, v0, data, hypers, params, *, reference_compat):
