@@ -29,6 +29,39 @@ def test_windows_cover_the_segments_in_equal_windows(num_segments, threads):
     assert covered.max() <= 2
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("num_frames,budget", [(10_030, 50_000), (3_030, 10_000), (160, 160), (5_000, 1_000)])
+def test_windows_hold_at_most_the_frame_budget(threads, num_frames, budget):
+    """With a frame budget: equal windows of at most ``budget`` frames (at least one segment), and
+    of all sizes within the budget the one whose busiest lane (windows dealt in turn) draws fewest."""
+    for num_segments in range(1, 26):
+        spans = _groups.windows(num_segments, threads, num_frames, window_frames=budget)
+        (size,) = {size for _, size in spans}
+        assert size == 1 or size * num_frames <= budget
+        covered = np.zeros(num_segments, int)
+        for start, n in spans:
+            covered[start:start + n] += 1
+        assert covered.min() == 1 and covered.max() <= 2
+        lanes = min(threads, num_segments)
+        busiest = -(-len(spans) // lanes) * size
+        for other in range(1, num_segments + 1):
+            if other == 1 or other * num_frames <= budget:
+                assert busiest <= -(-(-(-num_segments // other)) // lanes) * other
+    # the benchmark's 10 x 18000 frames: 20 segments of 10 030 in 10 windows of 2, 5 per core
+    assert _groups.windows(20, 2, 10_030, window_frames=50_000) == [(2 * i, 2) for i in range(10)]
+    assert _groups.windows(20, 1, 10_030, window_frames=50_000) == [(0, 20)]  # one thread: one program
+
+
+def test_window_frames_setting(monkeypatch):
+    monkeypatch.setenv("KPMS_WINDOW_FRAMES", "20000")
+    assert _groups.window_frame_budget() == 20_000
+    assert _groups.segment_windows((20, 10_030))[0][1] == 1 or _groups.segment_threads() == 1
+    for value in ("0", "many"):
+        monkeypatch.setenv("KPMS_WINDOW_FRAMES", value)
+        with pytest.raises(ValueError, match="KPMS_WINDOW_FRAMES must be a positive integer"):
+            _groups.window_frame_budget()
+
+
 def test_assemble_drops_the_overlap():
     rows = np.arange(5)
     spans = _groups.windows(5, 2)  # (0, 3), (2, 3)
@@ -56,18 +89,25 @@ def test_thread_setting(monkeypatch):
     assert _groups.segment_threads() >= 1
 
 
-@pytest.mark.parametrize("estimator,thread_counts", [(KeypointSLDS, ("1", "2", "3")), (AlloKeypointSLDS, ("1", "2"))])
+@pytest.mark.parametrize("estimator,thread_counts", [(KeypointSLDS, ("1", "2", "3", "2/160")),
+                                                     (AlloKeypointSLDS, ("1", "2", "2/160"))])
 def test_side_by_side_gives_the_draws_of_one_program(monkeypatch, estimator, thread_counts):
-    """Fit and apply with the segments in 1, 2 (overlapping) and 3 windows: the same chain (the
-    windows draw with the keys and uniforms their segments get in the whole batch; XLA may round a
-    few float64 operations differently for another number of segments, ~1e-15 here), sigmasq
+    """Fit and apply with the segments in 1, 2 (overlapping) and 3 windows, and in 3 windows of one
+    segment dealt to 2 lanes ("2/160": 160 frames per window at most): the same chain (the windows
+    draw with the keys and uniforms their segments get in the whole batch; XLA may round a few
+    float64 operations differently for another number of segments, ~1e-15 here), sigmasq
     resampling included (its step runs before the windows)."""
     location_aware = estimator is AlloKeypointSLDS
     sim = simulate_keypoints(n_keypoints=5, n_dims=2, n_states=3, n_recordings=3, n_frames=160,
                              location_aware=location_aware, random_state=1)
     runs = {}
     for threads in thread_counts:
-        monkeypatch.setenv("KPMS_SEGMENT_THREADS", threads)
+        monkeypatch.setenv("KPMS_SEGMENT_THREADS", threads.split("/")[0])
+        if "/" in threads:
+            monkeypatch.setenv("KPMS_WINDOW_FRAMES", threads.split("/")[1])
+            assert _groups.segment_windows((3, 175)) == [(0, 1), (1, 1), (2, 1)]
+        else:
+            monkeypatch.delenv("KPMS_WINDOW_FRAMES", raising=False)
         model = estimator(n_states=6, latent_dim=2, n_ar_iter=2, n_iter=2, n_apply_iter=2,
                           resample_global_noise_scale=True, random_state=0).fit(sim.poses)
         runs[threads] = (model, model.transform(sim.poses))

@@ -6,13 +6,16 @@ program keeps a 2-core machine about half idle. The segments are conditionally
 independent given the parameters, and both draws can sample any window of segments
 with exactly the random numbers those segments get in the whole batch
 (``core.sample_x(..., window=)``, ``arhmm.sample_labels_grouped(..., window=)``), so the
-estimators split the segments into one window per core and run the windows' calls from
-as many host threads: the same draws, bit for bit, on any number of cores.
+estimators split the segments into equal windows and run them in one lane (host thread)
+per core: the same draws, up to float rounding, on any number of cores. Windows hold at
+most ``WINDOW_FRAMES`` frames, and each lane runs its windows one after another, so that
+the draws' temporaries stay the size of a few windows however many recordings there are.
 
-``KPMS_SEGMENT_THREADS`` (environment) sets the number of windows; 1 turns this off. It is
-off by default off the CPU (an accelerator runs all segments of one program in parallel) and
-in processes whose ``XLA_FLAGS`` ask for ``intra_op_parallelism_threads=1`` (the setting of
-joblib workers that share the machine's cores, docs/design.md).
+``KPMS_SEGMENT_THREADS`` (environment) sets the number of lanes; 1 turns this off (one
+program over all segments). It is off by default off the CPU (an accelerator runs all
+segments of one program in parallel) and in processes whose ``XLA_FLAGS`` ask for
+``intra_op_parallelism_threads=1`` (the setting of joblib workers that share the machine's
+cores, docs/design.md). ``KPMS_WINDOW_FRAMES`` sets the frames per window.
 """
 
 from __future__ import annotations
@@ -25,8 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-#: At most this many windows (and host threads) by default.
+from ._base import release_free_heap
+
+#: At most this many host threads (lanes of windows) by default.
 MAX_SEGMENT_THREADS = 8
+
+#: Frames per window at most, where more than one thread runs windows: the label and latent-pose
+#: programs' temporaries grow with the frames they hold (labels: ~2.6 KB per frame with 100
+#: states, all of it resident while the window runs), so smaller windows, run one after another
+#: in each lane, keep the peak memory flat as the data grow. Measured at 10 x 18000 frames (20
+#: segments of 10 030): see benchmarks/README.md, "session 11".
+WINDOW_FRAMES = 50_000
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -37,14 +49,8 @@ def segment_threads() -> int:
     """Windows of segments to run side by side: ``KPMS_SEGMENT_THREADS``, else the CPU cores
     this process may use (at most ``MAX_SEGMENT_THREADS``) on the CPU backend, else 1 (see
     the module's docstring)."""
-    value = os.environ.get("KPMS_SEGMENT_THREADS", "").strip()
-    if value:
-        try:
-            threads = int(value)
-        except ValueError:
-            threads = 0
-        if threads < 1:
-            raise ValueError(f"KPMS_SEGMENT_THREADS must be a positive integer, got {value!r}.")
+    threads = _positive_int_setting("KPMS_SEGMENT_THREADS", None)
+    if threads is not None:
         return threads
     if jax.default_backend() != "cpu" or _single_threaded_xla():
         return 1
@@ -55,19 +61,60 @@ def segment_threads() -> int:
     return max(1, min(cores, MAX_SEGMENT_THREADS))
 
 
+def window_frame_budget() -> int:
+    """Frames per window at most: ``KPMS_WINDOW_FRAMES`` (environment), else ``WINDOW_FRAMES``."""
+    return _positive_int_setting("KPMS_WINDOW_FRAMES", WINDOW_FRAMES)
+
+
+def _positive_int_setting(name: str, default):
+    """The positive integer in environment variable ``name``, or ``default`` where it is unset."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return number
+
+
 def _single_threaded_xla() -> bool:
     """Whether XLA_FLAGS asks for one thread per process (as in joblib workers, docs/design.md)."""
     flags = os.environ.get("XLA_FLAGS", "").replace("=", " ").split()
     return any(a == "intra_op_parallelism_threads" and b == "1" for a, b in zip(flags, flags[1:]))
 
 
-def windows(num_segments: int, threads: int) -> list[tuple[int, int]]:
-    """(start, size) of ``min(threads, num_segments)`` equal windows covering the segments in
-    order; the last one starts early (overlapping the one before) when they do not divide
-    evenly, so that every window has the same shape and one compiled program serves them all."""
-    size = -(-num_segments // max(1, min(threads, num_segments)))
+def windows(num_segments: int, threads: int, num_frames: int = 0,
+            window_frames: int | None = None) -> list[tuple[int, int]]:
+    """(start, size) of equal windows covering the segments in order, the last one starting
+    early (overlapping the one before) when they do not divide evenly, so that every window has
+    the same shape and one compiled program serves them all.
+
+    With one thread: one window of all segments. Otherwise windows of at most ``window_frames``
+    frames (default ``WINDOW_FRAMES``; segments of ``num_frames`` frames, 0 = no limit; a window
+    holds at least one segment) and at most one per thread's lane, of the size that leaves the
+    busiest lane (``side_by_side`` deals the windows to the lanes in turn) the fewest segments,
+    the largest such size."""
+    if threads <= 1 or num_segments <= 1:
+        return [(0, num_segments)]
+    budget = window_frame_budget() if window_frames is None else window_frames
+    most = max(1, budget // num_frames) if num_frames > 0 else num_segments
+    lanes = min(threads, num_segments)
+
+    def busiest(size):  # segments drawn by the busiest lane with windows of ``size``
+        return -(-(-(-num_segments // size)) // lanes) * size
+
+    fewest = -(-num_segments // lanes)  # one window per lane
+    size = min(range(1, min(most, fewest) + 1), key=lambda n: (busiest(n), -n))
     groups = -(-num_segments // size)
     return [(min(g * size, num_segments - size), size) for g in range(groups)]
+
+
+def segment_windows(mask_shape) -> list[tuple[int, int]]:
+    """``windows`` for segments of mask shape (segments, frames) on ``segment_threads()`` threads."""
+    return windows(mask_shape[0], segment_threads(), mask_shape[1])
 
 
 def traced(*trees) -> bool:
@@ -93,6 +140,14 @@ def _signature(fn, args, static: dict) -> tuple:
     return (fn, repr(sorted(static.items())), treedef, shapes)
 
 
+def _compile_and_release(compile_fn):
+    """``compile_fn()``, then the heap that XLA's compile freed goes back to the system
+    (``release_free_heap``: as after the compiles that ``compiled`` calls trigger)."""
+    out = compile_fn()
+    release_free_heap()
+    return out
+
+
 def _compile_once(signature, compile_fn, here: bool):
     """Compile for ``signature`` once (``compile_fn()``), in this thread or in the pool; a call
     for a signature already compiling waits for it. Returns the compile's future, or None."""
@@ -106,7 +161,7 @@ def _compile_once(signature, compile_fn, here: bool):
             mine = False
     if mine and here:
         try:
-            compile_fn()
+            _compile_and_release(compile_fn)
             future.set_result(None)
         except BaseException as error:  # the waiting threads get it too
             future.set_exception(error)
@@ -115,7 +170,7 @@ def _compile_once(signature, compile_fn, here: bool):
             raise
         return None
     if mine:
-        future = _pool().submit(compile_fn)
+        future = _pool().submit(_compile_and_release, compile_fn)
         with _POOL_LOCK:
             _COMPILED[signature] = future
         return future
@@ -124,10 +179,12 @@ def _compile_once(signature, compile_fn, here: bool):
 
 def side_by_side(fn, spans: list[tuple[int, int]], *args, **static) -> list:
     """``[fn(*args, start, size=size, **static) for (start, size) in spans]`` for a ``compiled``
-    ``fn``, the calls from separate host threads (the caller's thread takes the first). JAX's
-    precision setting (x64), which is scoped to the calling thread, is carried over. The first
-    time ``fn`` meets these shapes, its program is compiled (here, or by ``compile_windows_ahead``)
-    before the windows run, so that it compiles once rather than in every thread."""
+    ``fn``, in ``segment_threads()`` lanes (host threads; the caller's thread is the first) that
+    take the windows in turn, each running its windows one after another (so that only as many
+    windows' temporaries as lanes are held at once). JAX's precision setting (x64), which is
+    scoped to the calling thread, is carried over. The first time ``fn`` meets these shapes, its
+    program is compiled (here, or by ``compile_windows_ahead``) before the windows run, so that it
+    compiles once rather than in every thread."""
     size = spans[0][1]
     pending = _compile_once(_signature(fn, args, dict(static, size=size)),
                             lambda: fn.lower(*args, spans[0][0], size=size, **static).compile(), here=True)
@@ -136,13 +193,16 @@ def side_by_side(fn, spans: list[tuple[int, int]], *args, **static) -> list:
     if len(spans) == 1:
         return [fn(*args, spans[0][0], size=size, **static)]
     x64 = bool(jax.config.jax_enable_x64)
+    lanes = max(1, min(segment_threads(), len(spans)))
 
-    def call(start):
+    def lane(starts):
         with jax.enable_x64(x64):
-            return jax.block_until_ready(fn(*args, start, size=size, **static))
+            return [jax.block_until_ready(fn(*args, start, size=size, **static)) for start in starts]
 
-    futures = [_pool().submit(call, start) for start, _ in spans[1:]]
-    return [call(spans[0][0])] + [f.result() for f in futures]
+    starts = [start for start, _ in spans]
+    futures = [_pool().submit(lane, starts[i::lanes]) for i in range(1, lanes)]
+    done = [lane(starts[0::lanes])] + [f.result() for f in futures]
+    return [done[i % lanes][i // lanes] for i in range(len(spans))]
 
 
 def compile_windows_ahead(fn, spans: list[tuple[int, int]], *args, **static):

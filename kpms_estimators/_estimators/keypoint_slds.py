@@ -17,7 +17,7 @@ from .._core import keypoint_slds as core
 from .._core.autoregressive import make_ar_prior
 from .._core.keypoints import centring_embedding
 from . import _groups
-from ._base import REDUCTION_OPTIONS, GibbsEstimator, _fingerprint, compiled, float64
+from ._base import REDUCTION_OPTIONS, GibbsEstimator, _fingerprint, compiled, float64, release_free_heap
 from .arhmm import params_given_stats
 
 _emission_sigmasq = compiled(core.emission_sigmasq, options=REDUCTION_OPTIONS, static_argnames="switches")
@@ -37,13 +37,13 @@ def windowed_labels(sample_labels):
     def labels(key, state, data):
         if _groups.traced(key, state, data):
             return sample_labels(key, state, data)
-        spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
+        spans = _groups.segment_windows(data.mask.shape)
         key, state, data = jax.device_put((key, state, data))
         return _groups.assemble(_groups.side_by_side(window_program, spans, key, state, data), spans)
 
     def compile_ahead(key, state, data):
         """Start compiling the window program for these (possibly abstract) arguments."""
-        spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
+        spans = _groups.segment_windows(data.mask.shape)
         return _groups.compile_windows_ahead(window_program, spans, key, state, data)
 
     labels.compile_ahead = compile_ahead
@@ -60,7 +60,7 @@ def windowed_emission(sample_emission, emission_after_x):
     def emission(key, state, data, hypers, switches):
         if _groups.traced(key, state, data, hypers):
             return sample_emission(key, state, data, hypers, switches)
-        spans = _groups.windows(data.mask.shape[0], _groups.segment_threads())
+        spans = _groups.segment_windows(data.mask.shape)
         key, state, data, hypers = jax.device_put((key, state, data, hypers))
         if switches.resample_global_noise_scale:
             state = _emission_sigmasq(key, state, data, hypers, switches=switches)
@@ -625,6 +625,7 @@ class KeypointSLDS(GibbsEstimator):
                 marg = self._kernels.posterior_marginals(state, data)
                 total = marg if total is None else total + marg
         marginals = None if total is None else np.asarray(total)[:n_real] / n_samples
+        release_free_heap()
         return _first_segments(state, n_real), marginals
 
     def _unbatch_labels(self, batch, values):
