@@ -47,7 +47,8 @@ def test_windows_hold_at_most_the_frame_budget(threads, num_frames, budget):
         for other in range(1, num_segments + 1):
             if other == 1 or other * num_frames <= budget:
                 assert busiest <= -(-(-(-num_segments // other)) // lanes) * other
-    # the benchmark's 10 x 18000 frames: 20 segments of 10 030 in 10 windows of 2, 5 per core
+    # the benchmark's 10 x 18000 frames: 20 segments of 10 030 in 4 windows of 5, 2 per core
+    assert _groups.windows(20, 2, 10_030, window_frames=100_000) == [(5 * i, 5) for i in range(4)]
     assert _groups.windows(20, 2, 10_030, window_frames=50_000) == [(2 * i, 2) for i in range(10)]
     assert _groups.windows(20, 1, 10_030, window_frames=50_000) == [(0, 20)]  # one thread: one program
 
@@ -96,7 +97,8 @@ def test_side_by_side_gives_the_draws_of_one_program(monkeypatch, estimator, thr
     segment dealt to 2 lanes ("2/160": 160 frames per window at most): the same chain (the windows
     draw with the keys and uniforms their segments get in the whole batch; XLA may round a few
     float64 operations differently for another number of segments, ~1e-15 here), sigmasq
-    resampling included (its step runs before the windows)."""
+    resampling included (its step runs before the windows); the same syllable marginals and
+    score, which are computed per window too."""
     location_aware = estimator is AlloKeypointSLDS
     sim = simulate_keypoints(n_keypoints=5, n_dims=2, n_states=3, n_recordings=3, n_frames=160,
                              location_aware=location_aware, random_state=1)
@@ -108,13 +110,18 @@ def test_side_by_side_gives_the_draws_of_one_program(monkeypatch, estimator, thr
             assert _groups.segment_windows((3, 175)) == [(0, 1), (1, 1), (2, 1)]
         else:
             monkeypatch.delenv("KPMS_WINDOW_FRAMES", raising=False)
-        model = estimator(n_states=6, latent_dim=2, n_ar_iter=2, n_iter=2, n_apply_iter=2,
+        model = estimator(n_states=6, latent_dim=2, n_ar_iter=2, n_iter=2, n_apply_iter=2, n_marginal_samples=2,
                           resample_global_noise_scale=True, random_state=0).fit(sim.poses)
-        runs[threads] = (model, model.transform(sim.poses))
-    model_1, out_1 = runs["1"]
+        runs[threads] = (model, model.transform(sim.poses), model.predict_proba(sim.poses), model.score(sim.poses))
+    model_1, out_1, proba_1, score_1 = runs["1"]
     assert model_1.chain_state_.x.shape[0] == 3  # three segments: windows of 1, and of 2 overlapping
     for threads in thread_counts[1:]:
-        model, out = runs[threads]
+        model, out, proba, score = runs[threads]
+        # forward-backward marginals and predictive log-likelihoods per window (``windowed_rows``)
+        np.testing.assert_allclose(score, score_1, rtol=1e-9)
+        for rec in proba_1:
+            np.testing.assert_allclose(proba[rec]["syllable_proba"].values, proba_1[rec]["syllable_proba"].values,
+                                       rtol=1e-9, atol=1e-12)
         close = dict(rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(model.log_likelihood_history_, model_1.log_likelihood_history_, **close)
         np.testing.assert_array_equal(model.chain_state_.z, model_1.chain_state_.z)

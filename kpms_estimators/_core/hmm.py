@@ -116,22 +116,27 @@ def backward_sample_from_uniforms(
 
 
 def smoothed_probs(log_likes: jax.Array, trans_probs: jax.Array) -> jax.Array:
-    """Exact posterior marginals p(z_t | x_{0:T-1}) by forward-backward."""
+    """Exact posterior marginals p(z_t | x_{0:T-1}) by forward-backward.
+
+    The backward pass runs over all frames with the backward message of frame t as its carry
+    (ones at the last frame) and emits the normalised product with the filtered probabilities
+    directly: no shifted copies of the (T, S) inputs, no array of messages, no concatenation
+    (three (T, S) arrays fewer held at once than messages-then-product).
+    """
     filt = forward_filter(log_likes, trans_probs).filtered_probs
     num_states = log_likes.shape[-1]
 
-    def step(backward, ll):
-        # backward message for t given the message of t+1 and the likelihood of t+1
+    def step(backward, args):
+        ll, filtered = args
+        post = filtered * backward
+        # the message for t - 1 from this frame's message and likelihood
         weighted = backward * jnp.exp(ll - jnp.max(ll))
         message = trans_probs @ weighted
-        message = message / jnp.sum(message)
-        return message, message
+        return message / jnp.sum(message), post / jnp.sum(post)
 
     last = jnp.ones((num_states,), log_likes.dtype)
-    _, messages = jax.lax.scan(step, last, log_likes[1:], reverse=True)
-    backward = jnp.concatenate([messages, last[None]])
-    post = filt * backward
-    return post / jnp.sum(post, axis=-1, keepdims=True)
+    _, post = jax.lax.scan(step, last, (log_likes, filt), reverse=True)
+    return post
 
 
 def sample_states(

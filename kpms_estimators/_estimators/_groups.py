@@ -34,11 +34,12 @@ from ._base import release_free_heap
 MAX_SEGMENT_THREADS = 8
 
 #: Frames per window at most, where more than one thread runs windows: the label and latent-pose
-#: programs' temporaries grow with the frames they hold (labels: ~2.6 KB per frame with 100
-#: states, all of it resident while the window runs), so smaller windows, run one after another
-#: in each lane, keep the peak memory flat as the data grow. Measured at 10 x 18000 frames (20
-#: segments of 10 030): see benchmarks/README.md, "session 11".
-WINDOW_FRAMES = 50_000
+#: programs' temporaries grow with the frames they hold (labels: ~1.3 KB per frame with 100
+#: states), so windows of at most this many frames, run one after another in each lane, keep
+#: that memory flat as recordings are added. At 10 x 18000 frames (20 segments of 10 030: windows
+#: of 5, two per lane) peak RSS 1.56-1.67 -> 1.35 GB for a full sweep 3% slower; 50 000 frames
+#: (windows of 2) gave the same peak 10% slower (benchmarks/README.md, session 11).
+WINDOW_FRAMES = 100_000
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from .._core import allo
 from ._base import REDUCTION_OPTIONS, compiled
 from .keypoint_slds import _PARTS as _KEYPOINT_PARTS
-from .keypoint_slds import KeypointSLDS, _Kernels, windowed_emission, windowed_labels
+from .keypoint_slds import KeypointSLDS, _Kernels, windowed_emission, windowed_labels, windowed_rows
 
 _PARTS = allo.SweepParts(
     allo_params=compiled(allo.redraw_allo_params),
@@ -35,8 +35,8 @@ _KERNELS = _Kernels(
     step=_step,
     init_state=_init_state,
     init_given_params=_init_given_params,
-    posterior_marginals=compiled(allo.posterior_marginals),
-    predictive=compiled(allo.predictive_log_likelihoods),
+    posterior_marginals=windowed_rows(allo.posterior_marginals),
+    predictive=windowed_rows(allo.predictive_log_likelihoods),
 )
 
 _ALLO_PRIOR = ("alpha0_h", "beta0_h", "lambda0_h", "alpha0_v", "beta0_v", "lambda0_v")
