@@ -397,8 +397,6 @@ class GibbsEstimator(DensityMixin, BaseEstimator):
                                              **({"nan_retries": retry} if retry else {}))
         except KeyboardInterrupt:
             return chain, key, True, None
-        finally:
-            release_free_heap()  # what the sweeps' host-side arrays left behind (see release_free_heap)
         return chain, key, False, None
 
     def _stop_on_nonfinite(self, new_chain, info, stage, n_done, retries, hypers) -> dict:

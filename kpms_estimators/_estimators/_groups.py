@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._base import release_free_heap
 
 #: At most this many host threads (lanes of windows) by default.
 MAX_SEGMENT_THREADS = 8
@@ -141,14 +140,6 @@ def _signature(fn, args, static: dict) -> tuple:
     return (fn, repr(sorted(static.items())), treedef, shapes)
 
 
-def _compile_and_release(compile_fn):
-    """``compile_fn()``, then the heap that XLA's compile freed goes back to the system
-    (``release_free_heap``: as after the compiles that ``compiled`` calls trigger)."""
-    out = compile_fn()
-    release_free_heap()
-    return out
-
-
 def _compile_once(signature, compile_fn, here: bool):
     """Compile for ``signature`` once (``compile_fn()``), in this thread or in the pool; a call
     for a signature already compiling waits for it. Returns the compile's future, or None."""
@@ -162,7 +153,7 @@ def _compile_once(signature, compile_fn, here: bool):
             mine = False
     if mine and here:
         try:
-            _compile_and_release(compile_fn)
+            compile_fn()
             future.set_result(None)
         except BaseException as error:  # the waiting threads get it too
             future.set_exception(error)
@@ -171,7 +162,7 @@ def _compile_once(signature, compile_fn, here: bool):
             raise
         return None
     if mine:
-        future = _pool().submit(_compile_and_release, compile_fn)
+        future = _pool().submit(compile_fn)
         with _POOL_LOCK:
             _COMPILED[signature] = future
         return future

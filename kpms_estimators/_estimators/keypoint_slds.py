@@ -17,7 +17,7 @@ from .._core import keypoint_slds as core
 from .._core.autoregressive import make_ar_prior
 from .._core.keypoints import centring_embedding
 from . import _groups
-from ._base import REDUCTION_OPTIONS, GibbsEstimator, _fingerprint, compiled, float64, release_free_heap
+from ._base import REDUCTION_OPTIONS, GibbsEstimator, _fingerprint, compiled, float64
 from .arhmm import params_given_stats
 
 _emission_sigmasq = compiled(core.emission_sigmasq, options=REDUCTION_OPTIONS, static_argnames="switches")
@@ -644,7 +644,6 @@ class KeypointSLDS(GibbsEstimator):
                 marg = self._kernels.posterior_marginals(state, data)
                 total = marg if total is None else total + marg
         marginals = None if total is None else np.asarray(total)[:n_real] / n_samples
-        release_free_heap()
         return _first_segments(state, n_real), marginals
 
     def _unbatch_labels(self, batch, values):
