@@ -35,10 +35,13 @@ MAX_SEGMENT_THREADS = 8
 #: Frames per window at most, where more than one thread runs windows: the label and latent-pose
 #: programs' temporaries grow with the frames they hold (labels: ~1.3 KB per frame with 100
 #: states), so windows of at most this many frames, run one after another in each lane, keep
-#: that memory flat as recordings are added. At 10 x 18000 frames (20 segments of 10 030: windows
-#: of 5, two per lane) peak RSS 1.56-1.67 -> 1.35 GB for a full sweep 3% slower; 50 000 frames
-#: (windows of 2) gave the same peak 10% slower (benchmarks/README.md, session 11).
-WINDOW_FRAMES = 100_000
+#: that memory flat as recordings are added. Smaller windows cost speed: at 10 x 18000 frames
+#: (20 segments of 10 030) windows of 5 (a 100 000-frame budget) lowered the peak RSS from
+#: 1.63-1.66 to 1.36-1.39 GB but made full sweeps 6-18%, apply 15-20% and the full stage's
+#: compile 12-27% slower than one window of 10 per lane (benchmarks/README.md, session 11).
+#: Hence the label groups' budget (``arhmm.LABEL_GROUP_FRAMES``): windows shrink only where
+#: memory starts to matter; ``KPMS_WINDOW_FRAMES`` trades speed for memory below that.
+WINDOW_FRAMES = 250_000
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()

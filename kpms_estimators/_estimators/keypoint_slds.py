@@ -151,9 +151,9 @@ def _init_given_params(key, x0, h0, v0, data, hypers, params, *, reference_compa
 def windowed_rows(per_segment):
     """A deterministic ``per_segment(state, data) -> (B, ...)`` (forward-backward marginals,
     predictive log-likelihoods) as one program per window of segments, the windows side by side
-    on the CPU's cores (``_groups``): the same rows, with the (frames x states) temporaries of a
-    few windows at a time rather than of all segments (at 10 x 18000 frames the AR residuals
-    alone are 0.64 GB)."""
+    on the CPU's cores (``_groups``): the same rows, on every core, with (frames x states)
+    temporaries that follow the window budget rather than the number of segments (at 10 x 18000
+    frames the AR residuals of all segments are 0.64 GB)."""
     window_program = compiled(lambda state, data, start, size: per_segment(*core.segment_rows(state, data, start, size)),
                               static_argnames="size")
 
