@@ -37,7 +37,7 @@ Implementation notes (CPU, jax 0.10):
   (a segment of ~5000 frames at A = 12) memory traffic dominates: the serial
   sampler therefore computes them in blocks of ``BACKWARD_BLOCK`` steps, each
   followed by its part of the recursion, and segments are mapped in small chunks
-  (``lax.map(..., batch_size=1 or 2)``, spec 12.4) rather than vmapped all at once.
+  (``lax.map``, one segment or a few at a time, spec 12.4) rather than vmapped all at once.
 """
 
 from __future__ import annotations

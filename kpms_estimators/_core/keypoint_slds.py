@@ -127,9 +127,12 @@ def sample_x(key, state: KeypointState, data: KeypointData, hypers: KeypointHype
     args = (keys, ytil, obs_var, mask, z)
     if parallel:
         return jax.vmap(one)(*args)[0]
-    # serial sampler: segments in chunks, so that the per-step filter arrays stay in cache
-    # and the cost per frame does not grow with the number of segments (spec 12.4)
-    return jax.lax.map(lambda a: one(*a)[0], args, batch_size=KALMAN_SEGMENT_CHUNK)
+    # serial sampler: segments one at a time (or in chunks), so that the per-step filter arrays
+    # stay in cache and the cost per frame does not grow with the number of segments (spec 12.4).
+    # One at a time is a plain map: ``batch_size=1`` would trace the sampler and then vmap that
+    # trace again (0.37 instead of 1.1 s of tracing, 0.24 instead of 0.73 s of lowering at 4 x 3000)
+    batch = KALMAN_SEGMENT_CHUNK if KALMAN_SEGMENT_CHUNK > 1 else None
+    return jax.lax.map(lambda a: one(*a)[0], args, batch_size=batch)
 
 
 def sample_v(key, state: KeypointState, data: KeypointData, hypers: KeypointHypers, parallel: bool):
