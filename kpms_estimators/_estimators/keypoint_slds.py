@@ -115,33 +115,34 @@ def _compile_parts_ahead(run, parts, plain_parts) -> None:
     before it runs.
 
     ``run`` (an initialisation: its parts are called one after another, each on the results of
-    the one before) is traced once, abstractly, with ``plain_parts`` (the parts' plain functions)
-    that note the arguments' shapes; each noted part's program is then compiled on its own pool
-    thread, so that XLA's compiles, one core each, overlap. Returns when all are compiled; the
-    calls of ``run(parts)`` then find them in JAX's cache."""
+    the one before) is traced once, abstractly, with ``plain_parts`` (the parts' plain functions).
+    Each call of a part starts its program's compile there and then, for the arguments' shapes:
+    lowered in this thread, compiled on a pool thread, so that XLA's compiles, one core each,
+    overlap with each other and with the rest of this trace. Returns when all are compiled;
+    the calls of ``run(parts)`` then find them in JAX's cache."""
     if _groups.segment_threads() < 2:
         return
-    noted = []
+    futures = []
 
     def noting(name, part):
         def call(*args, **kwargs):
-            noted.append((name, _abstract(args), kwargs))
+            compiled_part = getattr(parts, name)
+            abstract = _abstract(args)
+            if hasattr(compiled_part, "compile_ahead"):
+                futures.append(compiled_part.compile_ahead(*abstract, **kwargs))
+            elif hasattr(compiled_part, "lower"):
+                futures.append(_groups.compile_ahead(compiled_part, *abstract, **kwargs))
+            # (the counters are for traces that compile; this trace only reads shapes)
+            counts = dict(core.TRACE_COUNTS)
             # as at a jit boundary: NumPy arrays become JAX values
-            return part(*jax.tree_util.tree_map(lambda a: jnp.asarray(a) if isinstance(a, np.ndarray) else a, args),
-                        **kwargs)
+            out = part(*jax.tree_util.tree_map(lambda a: jnp.asarray(a) if isinstance(a, np.ndarray) else a, args),
+                       **kwargs)
+            core.TRACE_COUNTS.update(counts)
+            return out
         return call
 
-    counts = dict(core.TRACE_COUNTS)  # (the counters are for traces that compile; this one only reads shapes)
     jax.eval_shape(lambda: run(plain_parts._replace(**{name: noting(name, getattr(plain_parts, name))
                                                       for name in plain_parts._fields})))
-    core.TRACE_COUNTS.update(counts)
-    futures = []
-    for name, args, kwargs in noted:
-        part = getattr(parts, name)
-        if hasattr(part, "compile_ahead"):
-            futures.append(part.compile_ahead(*args, **kwargs))
-        elif hasattr(part, "lower"):
-            futures.append(_groups.compile_ahead(part, *args, **kwargs))
     for future in futures:
         if future is not None:
             future.result()
