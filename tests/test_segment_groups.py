@@ -71,6 +71,47 @@ def test_assemble_drops_the_overlap():
     np.testing.assert_array_equal(_groups.assemble(pieces, spans), rows)
 
 
+def test_owned_rows_cover_each_row_once():
+    for num_segments, threads in [(5, 2), (7, 3), (20, 8), (4, 2), (1, 2)]:
+        spans = _groups.windows(num_segments, threads)
+        owned = _groups.owned_rows(spans)
+        covered = np.zeros(num_segments, int)
+        for (start, size), (first, offset) in zip(spans, owned):
+            assert first == start + offset and 0 <= offset < size
+            covered[first:start + size] += 1
+        np.testing.assert_array_equal(covered, 1)
+
+
+def test_rows_windows_follow_their_own_budget(monkeypatch):
+    """The forward-backward rows run in windows of at most ``ROWS_WINDOW_FRAMES`` frames, or of
+    ``KPMS_WINDOW_FRAMES`` where that is smaller (10 x 18000 frames: 20 segments of 10 030)."""
+    monkeypatch.setenv("KPMS_SEGMENT_THREADS", "2")
+    monkeypatch.delenv("KPMS_WINDOW_FRAMES", raising=False)
+    assert _groups.segment_windows((20, 10_030)) == [(0, 10), (10, 10)]  # the draws: one window per lane
+    assert _groups.segment_windows((20, 10_030), _groups.ROWS_WINDOW_FRAMES) == [(5 * i, 5) for i in range(4)]
+    monkeypatch.setenv("KPMS_WINDOW_FRAMES", "25000")
+    assert _groups.segment_windows((20, 10_030), _groups.ROWS_WINDOW_FRAMES) == [(2 * i, 2) for i in range(10)]
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_side_by_side_hands_each_result_to_consume(monkeypatch, threads):
+    """``consume(i, result)`` gets every window's result once, in its lane, and the list holds None."""
+    import jax
+    import jax.numpy as jnp
+    from kpms_estimators._estimators._base import compiled
+
+    monkeypatch.setenv("KPMS_SEGMENT_THREADS", threads)
+    program = compiled(lambda x, start, size: jax.lax.dynamic_slice_in_dim(x, start, size) * 2.0,
+                       static_argnames="size")
+    rows = jnp.arange(7.0)
+    spans = _groups.windows(7, 3)  # (0, 3), (3, 3), (4, 3): the last overlaps
+    seen = {}
+    out = _groups.side_by_side(program, spans, rows, consume=lambda i, piece: seen.setdefault(i, np.asarray(piece)))
+    assert out == [None] * len(spans) and sorted(seen) == list(range(len(spans)))
+    for i, (start, size) in enumerate(spans):
+        np.testing.assert_array_equal(seen[i], 2.0 * np.arange(start, start + size))
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "two"])
 def test_bad_thread_setting_is_named(monkeypatch, value):
     monkeypatch.setenv("KPMS_SEGMENT_THREADS", value)

@@ -43,6 +43,13 @@ MAX_SEGMENT_THREADS = 8
 #: memory starts to matter; ``KPMS_WINDOW_FRAMES`` trades speed for memory below that.
 WINDOW_FRAMES = 250_000
 
+#: Frames per window at most for the per-segment rows of ``windowed_rows`` (forward-backward
+#: marginals, predictive log-likelihoods): their temporaries are four (frames x states) float64
+#: arrays, ~3.2 KB per frame with 100 states, against the draws' ~1.3 KB, and a program that
+#: runs once per sample or per call gains little from wide windows (forward-backward at
+#: 10 030 frames: 74 ms per segment in windows of 10, 105 ms in windows of 2).
+ROWS_WINDOW_FRAMES = 60_000
+
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _COMPILED: dict = {}  # signature -> future of its compile (None: compiled here)
@@ -115,9 +122,11 @@ def windows(num_segments: int, threads: int, num_frames: int = 0,
     return [(min(g * size, num_segments - size), size) for g in range(groups)]
 
 
-def segment_windows(mask_shape) -> list[tuple[int, int]]:
-    """``windows`` for segments of mask shape (segments, frames) on ``segment_threads()`` threads."""
-    return windows(mask_shape[0], segment_threads(), mask_shape[1])
+def segment_windows(mask_shape, window_frames: int | None = None) -> list[tuple[int, int]]:
+    """``windows`` for segments of mask shape (segments, frames) on ``segment_threads()`` threads
+    (``window_frames``: at most this many frames per window, and at most ``KPMS_WINDOW_FRAMES``)."""
+    budget = window_frame_budget() if window_frames is None else min(window_frames, window_frame_budget())
+    return windows(mask_shape[0], segment_threads(), mask_shape[1], budget)
 
 
 def traced(*trees) -> bool:
@@ -172,31 +181,42 @@ def _compile_once(signature, compile_fn, here: bool):
     return future
 
 
-def side_by_side(fn, spans: list[tuple[int, int]], *args, **static) -> list:
+def side_by_side(fn, spans: list[tuple[int, int]], *args, consume=None, **static) -> list:
     """``[fn(*args, start, size=size, **static) for (start, size) in spans]`` for a ``compiled``
     ``fn``, in ``segment_threads()`` lanes (host threads; the caller's thread is the first) that
     take the windows in turn, each running its windows one after another (so that only as many
     windows' temporaries as lanes are held at once). JAX's precision setting (x64), which is
     scoped to the calling thread, is carried over. The first time ``fn`` meets these shapes, its
     program is compiled (here, or by ``compile_windows_ahead``) before the windows run, so that it
-    compiles once rather than in every thread."""
+    compiles once rather than in every thread.
+
+    ``consume(i, result)``: called in the lane as soon as window ``i``'s result is ready, which is
+    then dropped (the list holds None), so that the results of all windows are never held at once."""
     size = spans[0][1]
     pending = _compile_once(_signature(fn, args, dict(static, size=size)),
                             lambda: fn.lower(*args, spans[0][0], size=size, **static).compile(), here=True)
     if pending is not None:
         pending.result()
-    if len(spans) == 1:
-        return [fn(*args, spans[0][0], size=size, **static)]
     x64 = bool(jax.config.jax_enable_x64)
+
+    def run(i):
+        result = jax.block_until_ready(fn(*args, spans[i][0], size=size, **static))
+        if consume is None:
+            return result
+        consume(i, result)
+        return None
+
+    if len(spans) == 1:
+        return [run(0)]
     lanes = max(1, min(segment_threads(), len(spans)))
 
-    def lane(starts):
+    def lane(indices):
         with jax.enable_x64(x64):
-            return [jax.block_until_ready(fn(*args, start, size=size, **static)) for start in starts]
+            return [run(i) for i in indices]
 
-    starts = [start for start, _ in spans]
-    futures = [_pool().submit(lane, starts[i::lanes]) for i in range(1, lanes)]
-    done = [lane(starts[0::lanes])] + [f.result() for f in futures]
+    indices = list(range(len(spans)))
+    futures = [_pool().submit(lane, indices[i::lanes]) for i in range(1, lanes)]
+    done = [lane(indices[0::lanes])] + [f.result() for f in futures]
     return [done[i % lanes][i // lanes] for i in range(len(spans))]
 
 
@@ -223,12 +243,20 @@ def compile_ahead(fn, *args, _signature_args=None, **static):
     return _compile_once(signature, lowered.compile, here=False)
 
 
+def owned_rows(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Per window, (first row of the batch it alone covers, offset of that row in its piece):
+    every window covers the rows from its start, except that the last may start early and overlap
+    the one before (``windows``); its overlapped rows belong to the earlier window."""
+    owned, end = [], 0
+    for start, size in spans:
+        first = max(start, end)
+        owned.append((first, first - start))
+        end = start + size
+    return owned
+
+
 def assemble(pieces: list, spans: list[tuple[int, int]]):
     """The whole batch's rows from one piece per window (``windows``: the last may overlap)."""
     if len(pieces) == 1:
         return pieces[0]
-    out, end = [], 0
-    for piece, (start, size) in zip(pieces, spans):
-        out.append(piece[end - start:] if end > start else piece)
-        end = start + size
-    return jnp.concatenate(out)
+    return jnp.concatenate([piece[offset:] for piece, (_, offset) in zip(pieces, owned_rows(spans))])

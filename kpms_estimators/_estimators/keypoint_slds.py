@@ -156,17 +156,33 @@ def windowed_rows(per_segment):
     """A deterministic ``per_segment(state, data) -> (B, ...)`` (forward-backward marginals,
     predictive log-likelihoods) as one program per window of segments, the windows side by side
     on the CPU's cores (``_groups``): the same rows, on every core, with (frames x states)
-    temporaries that follow the window budget rather than the number of segments (at 10 x 18000
-    frames the AR residuals of all segments are 0.64 GB)."""
+    temporaries that follow the rows' window budget (``_groups.ROWS_WINDOW_FRAMES``) rather than
+    the number of segments (at 10 x 18000 frames the AR residuals of all segments are 0.64 GB).
+
+    ``rows(state, data, add_to=None)``; with ``add_to`` (a writable NumPy array of the rows' full
+    shape) each window's rows are added into it in place as soon as they are ready, and it is
+    returned: a running sum (the marginals' average over samples) then holds no other array of
+    the whole batch's size."""
     window_program = compiled(lambda state, data, start, size: per_segment(*core.segment_rows(state, data, start, size)),
                               static_argnames="size")
 
-    def rows(state, data):
+    def rows(state, data, add_to=None):
         if _groups.traced(state, data):
-            return per_segment(state, data)
-        spans = _groups.segment_windows(data.mask.shape)
+            out = per_segment(state, data)
+            return out if add_to is None else add_to + out
+        spans = _groups.segment_windows(data.mask.shape, _groups.ROWS_WINDOW_FRAMES)
         state, data = jax.device_put((state, data))
-        return _groups.assemble(_groups.side_by_side(window_program, spans, state, data), spans)
+        if add_to is None:
+            return _groups.assemble(_groups.side_by_side(window_program, spans, state, data), spans)
+        owned = _groups.owned_rows(spans)
+
+        def add(i, piece):  # windows own disjoint rows: the lanes never write the same ones
+            first, offset = owned[i]
+            piece = np.asarray(piece)[offset:]
+            np.add(add_to[first:first + len(piece)], piece, out=add_to[first:first + len(piece)])
+
+        _groups.side_by_side(window_program, spans, state, data, consume=add)
+        return add_to
 
     return rows
 
@@ -198,7 +214,7 @@ class _Kernels(NamedTuple):
     step: Callable  # (key, state, data, hypers, *, switches) -> (state, info)
     init_state: Callable  # (key, x0, h0, v0, data, hypers, Cd, *, num_states, reference_compat)
     init_given_params: Callable  # (key, x0, h0, v0, data, hypers, params, *, reference_compat)
-    posterior_marginals: Callable  # (state, data) -> (B, T-L, S)
+    posterior_marginals: Callable  # (state, data, add_to=None) -> (B, T-L, S) (``windowed_rows``)
     predictive: Callable  # (state, data) -> (B, T-L)
 
 
@@ -645,8 +661,11 @@ class KeypointSLDS(GibbsEstimator):
             key, step_key = jax.random.split(key)
             state, _ = step(step_key, state, data, hypers)
             if i >= n_burn and (i - n_burn) % steps_per_sample == 0:
-                marg = self._kernels.posterior_marginals(state, data)
-                total = marg if total is None else total + marg
+                if total is None:  # summed in place, window by window (no batch-sized temporaries)
+                    num_segments, num_frames = data.mask.shape
+                    total = np.zeros((num_segments, num_frames - int(self.n_lags), state.params.pi.shape[0]),
+                                     state.x.dtype)
+                total = self._kernels.posterior_marginals(state, data, add_to=total)
         marginals = None if total is None else np.asarray(total)[:n_real] / n_samples
         return _first_segments(state, n_real), marginals
 
