@@ -78,7 +78,8 @@ def plan(quick: bool):
         rows.append((
             "synthetic 10x18000",
             lambda p: bench_data.write_synthetic(p, 10, 18000, seed=2),
-            dict(COMMON, n_ar_iter=10, n_iter=10, n_apply_iter=10, marginals=None),
+            dict(COMMON, n_ar_iter=10, n_iter=10, n_apply_iter=10,
+                 marginals={"burn_in_iters": 2, "num_samples": 2, "steps_per_sample": 1}),
             lambda p: bench_data.write_synthetic(p, 10, 18000, seed=3),
             [0],
         ))
