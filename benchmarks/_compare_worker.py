@@ -13,6 +13,7 @@ syllables per recording) go to OUT.json.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def main():
 
     result["total_s"] = time.perf_counter() - T_START
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    result["device_peak_gb"] = _device_peak_gb()
     stage("done")
     with open(out_path, "w") as f:
         json.dump(result, f)
@@ -130,11 +132,14 @@ class Ours:
 
 class Reference:
     def __init__(self, settings):
+        stand_ins = _import_stand_ins()
         import keypoint_moseq as kpms
 
         self.api, self.settings = kpms, settings
         self.project = tempfile.mkdtemp(prefix="kpms_reference_")
         self.versions = {"keypoint_moseq": getattr(kpms, "__version__", "?"), **_jax_versions()}
+        if stand_ins:
+            self.versions["stand_ins"] = stand_ins
 
     def format(self, coords, confs, bodyparts):
         return self.api.format_data(coords, confs, **self.config)
@@ -173,11 +178,36 @@ class Reference:
         return self.api.estimate_syllable_marginals(model, data, metadata, **kwargs, **self.config)
 
 
+def _import_stand_ins():
+    """Stand-ins for the packages named in ``KPMS_BENCH_STAND_INS`` (comma-separated) that are not
+    installed (``_import_stand_ins.py``: the GPU machine's reference install); the ones used."""
+    names = [n.strip() for n in os.environ.get("KPMS_BENCH_STAND_INS", "").split(",") if n.strip()]
+    if not names:
+        return []
+    import _import_stand_ins
+
+    return _import_stand_ins.install(names)
+
+
 def _jax_versions():
     import jax
     import jaxlib
 
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "x64": bool(jax.config.jax_enable_x64)}
+    device = jax.devices()[0]
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "x64": bool(jax.config.jax_enable_x64),
+            "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device))}
+
+
+def _device_peak_gb():
+    """Peak memory in use on the default device, where the backend reports it (GPUs do; the CPU does not)."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001  (backends without memory statistics)
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 1024**3
 
 
 if __name__ == "__main__":

@@ -52,10 +52,11 @@ COMMON = dict(n_states=100, latent_dim=4, n_lags=3, ar_kappa=1e6, kappa=1e4, see
 RATIO_KEYS = [
     "import_s", "init_s", "ar_only_compile_s", "ar_only_steady_s_per_sweep", "full_compile_s",
     "full_steady_s_per_sweep", "apply_first_s", "apply_steady_s", "marginals_s", "peak_rss_gb",
+    "device_peak_gb",  # GPU runs only: peak memory on the accelerator
 ]
 
 
-def plan(quick: bool):
+def plan(quick: bool, real_dir: Path = REAL_DIR):
     """[(dataset name, npz writer, settings, new-data writer or None, reference seeds)]."""
     marg = {"burn_in_iters": 10, "num_samples": 5, "steps_per_sample": 2}
     rows = [(
@@ -69,7 +70,7 @@ def plan(quick: bool):
     for name, n_ar, n_full in real:
         rows.append((
             f"real {name}",
-            lambda p, name=name: bench_data.write_real(p, REAL_DIR, name),
+            lambda p, name=name: bench_data.write_real(p, real_dir, name),
             dict(COMMON, n_ar_iter=n_ar, n_iter=n_full, n_apply_iter=20, marginals=None),
             None,
             [0, 1],
@@ -86,17 +87,22 @@ def plan(quick: bool):
     return rows
 
 
-def ensure_reference() -> Path:
-    """The reference's python, installing it on first use; exits non-zero if that fails."""
-    python = REFERENCE_VENV / "bin" / "python"
-    if not python.exists():
+def ensure_reference(python=None) -> Path:
+    """The reference's python (``python``, or the venv's, installing it on first use); exits non-zero
+    if that fails or the reference does not import there."""
+    if python is not None:
+        python = Path(python)
+    else:
+        python = REFERENCE_VENV / "bin" / "python"
+    if python == REFERENCE_VENV / "bin" / "python" and not python.exists():
         print(f"installing the reference into {REFERENCE_VENV} ({', '.join(REFERENCE_PINS)}) ...", flush=True)
         steps = [[sys.executable, "-m", "venv", str(REFERENCE_VENV)],
                  [str(python), "-m", "pip", "install", "--quiet", *REFERENCE_PINS]]
         for cmd in steps:
             if subprocess.run(cmd).returncode != 0:
                 sys.exit(f"could not install the reference ({' '.join(cmd)}); no comparison was made.")
-    probe = subprocess.run([str(python), "-c", "import keypoint_moseq"], capture_output=True, text=True)
+    probe = subprocess.run([str(python), "-c", "import _compare_worker as w; w._import_stand_ins(); import keypoint_moseq"],
+                           capture_output=True, text=True, cwd=HERE)
     if probe.returncode != 0:
         sys.exit(f"the reference does not import from {python}:\n{probe.stderr[-2000:]}\nno comparison was made.")
     return python
@@ -167,14 +173,22 @@ def main():
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run ours and the reference (seed 0) N times each, alternating, and report the medians "
                              "(on a shared VM one run of either side can be 25%% off its median)")
+    parser.add_argument("--reference-python", default=None, metavar="PYTHON",
+                        help="run the reference with this interpreter instead of benchmarks/.reference-venv (e.g. a "
+                             "machine where it was installed from carried wheels; see gpu_quick.sh)")
+    parser.add_argument("--ours-python", default=sys.executable, metavar="PYTHON",
+                        help="run kpms_estimators with this interpreter (default: this one)")
+    parser.add_argument("--real-dir", default=None, metavar="DIR",
+                        help=f"where the real recordings are (default {REAL_DIR})")
     args = parser.parse_args()
+    real_dir = Path(args.real_dir).resolve() if args.real_dir else REAL_DIR
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
     timeout = args.timeout or (400 if args.quick else 3600)
     RESULTS.mkdir(exist_ok=True)
-    reference_python = ensure_reference()
+    reference_python = ensure_reference(args.reference_python)
     suffix = "-quick" if args.quick else ""
-    rows = [r for r in plan(args.quick) if args.rows is None or any(t in r[0] for t in args.rows)]
+    rows = [r for r in plan(args.quick, real_dir) if args.rows is None or any(t in r[0] for t in args.rows)]
     if not rows:
         sys.exit(f"no dataset matches --rows {' '.join(args.rows)}; names: {[r[0] for r in plan(args.quick)]}")
     tag = ("-" + "-".join(args.rows) if args.rows else "") + (f"-x{args.repeat}" if args.repeat > 1 else "")
@@ -182,8 +196,8 @@ def main():
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
               "command": " ".join(["python", "benchmarks/compare_reference.py", *sys.argv[1:]]), "rows": {}}
     for name, write, settings, write_new, seeds in rows:
-        if name.startswith("real") and not REAL_DIR.is_dir():
-            print(f"{name}: skipped, {REAL_DIR} not found", flush=True)
+        if name.startswith("real") and not real_dir.is_dir():
+            print(f"{name}: skipped, {real_dir} not found", flush=True)
             continue
         slug = name.replace(" ", "_")
         data_path = write(RESULTS / f"{slug}.npz")
@@ -193,7 +207,7 @@ def main():
         for i in range(args.repeat):  # alternated, so that a slow spell of the machine hits both sides
             rep = f"-r{i}" if args.repeat > 1 else ""
             print(f"{name}: running ours{f' (run {i + 1} of {args.repeat})' if rep else ''} ...", flush=True)
-            runs["ours"].append(run_side(sys.executable, "ours", data_path, settings, f"{slug}{suffix}_ours{rep}", timeout))
+            runs["ours"].append(run_side(args.ours_python, "ours", data_path, settings, f"{slug}{suffix}_ours{rep}", timeout))
             print(f"{name}: running the reference (seed {seeds[0]}{f', run {i + 1} of {args.repeat}' if rep else ''}) ...",
                   flush=True)
             runs["reference"].append(run_side(reference_python, "reference", data_path, dict(settings, seed=seeds[0]),
@@ -258,7 +272,15 @@ def _fmt(v):
 
 
 def _machine():
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    try:  # the card, on a GPU machine
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30)
+        if query.returncode == 0 and query.stdout.strip():
+            machine["gpus"] = query.stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return machine
 
 
 if __name__ == "__main__":
