@@ -86,6 +86,7 @@ def main():
     result["total_s"] = time.perf_counter() - T_START
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result["device_peak_gb"] = _device_peak_gb()
+    result["versions"].update(_device_info())
     stage("done")
     with open(out_path, "w") as f:
         json.dump(result, f)
@@ -193,9 +194,15 @@ def _jax_versions():
     import jax
     import jaxlib
 
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "x64": bool(jax.config.jax_enable_x64)}
+
+
+def _device_info():
+    """JAX's backend and device, read after the timed stages (reading them starts the backend)."""
+    import jax
+
     device = jax.devices()[0]
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "x64": bool(jax.config.jax_enable_x64),
-            "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device))}
+    return {"backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device))}
 
 
 def _device_peak_gb():
