@@ -178,6 +178,9 @@ def main():
                              "machine where it was installed from carried wheels; see gpu_quick.sh)")
     parser.add_argument("--ours-python", default=sys.executable, metavar="PYTHON",
                         help="run kpms_estimators with this interpreter (default: this one)")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="run only kpms_estimators (no reference, hence no ratios): e.g. where the reference "
+                             "cannot be installed; the script still says so and exits non-zero")
     parser.add_argument("--real-dir", default=None, metavar="DIR",
                         help=f"where the real recordings are (default {REAL_DIR})")
     args = parser.parse_args()
@@ -186,7 +189,7 @@ def main():
         parser.error("--repeat must be >= 1")
     timeout = args.timeout or (400 if args.quick else 3600)
     RESULTS.mkdir(exist_ok=True)
-    reference_python = ensure_reference(args.reference_python)
+    reference_python = None if args.ours_only else ensure_reference(args.reference_python)
     suffix = "-quick" if args.quick else ""
     rows = [r for r in plan(args.quick, real_dir) if args.rows is None or any(t in r[0] for t in args.rows)]
     if not rows:
@@ -208,12 +211,15 @@ def main():
             rep = f"-r{i}" if args.repeat > 1 else ""
             print(f"{name}: running ours{f' (run {i + 1} of {args.repeat})' if rep else ''} ...", flush=True)
             runs["ours"].append(run_side(args.ours_python, "ours", data_path, settings, f"{slug}{suffix}_ours{rep}", timeout))
+            if reference_python is None:
+                runs["reference"].append({"status": "not run", "stage": "--ours-only"})
+                continue
             print(f"{name}: running the reference (seed {seeds[0]}{f', run {i + 1} of {args.repeat}' if rep else ''}) ...",
                   flush=True)
             runs["reference"].append(run_side(reference_python, "reference", data_path, dict(settings, seed=seeds[0]),
                                               f"{slug}{suffix}_reference{seeds[0]}{rep}", timeout))
         row = {"settings": settings, "ours": _median_run(runs["ours"]), "reference": [_median_run(runs["reference"])]}
-        for seed in seeds[1:]:
+        for seed in seeds[1:] if reference_python is not None else []:
             print(f"{name}: running the reference (seed {seed}) ...", flush=True)
             row["reference"].append(run_side(reference_python, "reference", data_path, dict(settings, seed=seed),
                                              f"{slug}{suffix}_reference{seed}", timeout))
@@ -232,6 +238,8 @@ def main():
         _print_row(name, row)
         out.write_text(json.dumps(report, indent=1))  # after every row: a later hang or kill loses nothing
     print(f"\nwritten: {out}")
+    if reference_python is None:
+        sys.exit("--ours-only: the reference was not run; no ratio was measured.")
 
 
 def _median_run(results):
