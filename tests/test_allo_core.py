@@ -4,7 +4,7 @@ References are computed here in plain NumPy float64 from the generative
 description: the normal-inverse-gamma posterior in its textbook form, and the
 Gaussian (Laplace) approximation of the joint (h, v) posterior at its mode,
 found by Gauss-Newton on the full nonlinear model. The core runs under
-``jax.enable_x64(True)``.
+``enable_x64(True)``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from kpms_estimators._compat import enable_x64
 from kpms_estimators._core import allo
 from kpms_estimators._core.keypoints import wrap_angle
 
@@ -23,7 +24,7 @@ NUM_SE = 5.0  # Monte Carlo tolerance, in standard errors
 
 @pytest.fixture(autouse=True)
 def _float64():
-    with jax.enable_x64(True):
+    with enable_x64(True):
         yield
 
 

@@ -12,6 +12,7 @@ import xarray as xr
 from scipy.optimize import linear_sum_assignment
 
 from kpms_estimators import AlloKeypointSLDS, KeypointSLDS
+from kpms_estimators._compat import enable_x64
 from kpms_estimators._core import allo
 from kpms_estimators._summary import matched_accuracy
 from kpms_estimators.datasets import simulate_keypoints
@@ -146,7 +147,7 @@ def test_marginals_use_the_allo_likelihood(sim, fitted, labels):
     np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-9)
     assert np.mean(p.argmax(1) == labels[0]) > 0.9
     state = jax.tree_util.tree_map(np.asarray, fitted.chain_state_)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         recordings = fitted._recordings(sim.poses, None, reset=False)
         data = fitted._core_data(recordings, fitted._batch(recordings))
         full = np.asarray(allo.posterior_marginals(state, data))

@@ -11,6 +11,7 @@ from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.pipeline import make_pipeline
 
 from kpms_estimators import ARHMM
+from kpms_estimators._compat import enable_x64
 from kpms_estimators._core import arhmm as core
 from kpms_estimators._summary import matched_accuracy
 from kpms_estimators.datasets import simulate_arhmm
@@ -187,7 +188,7 @@ def test_grouped_labels_match_all_at_once(num_segments, group_frames):
 
     rng = np.random.default_rng(3)
     num_states, latent_dim, n_lags, num_frames = 4, 2, 2, 12
-    with jax.enable_x64(True):
+    with enable_x64(True):
         Ab = rng.normal(0, 0.4, (num_states, latent_dim, n_lags * latent_dim + 1))
         Q = np.stack([np.eye(latent_dim) * rng.uniform(0.2, 1.0) for _ in range(num_states)])
         pi = rng.dirichlet(np.ones(num_states), num_states)

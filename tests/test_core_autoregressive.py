@@ -2,7 +2,7 @@
 inverse-Wishart samplers) and one ``arhmm.gibbs_step`` (model spec 3.1, 3.2, 3.5, 3.6, 6).
 
 Reference values are computed here in plain NumPy/SciPy float64 (loops, np.linalg,
-scipy.stats); the core runs under ``jax.enable_x64(True)``. Monte Carlo checks use
+scipy.stats); the core runs under ``enable_x64(True)``. Monte Carlo checks use
 20000 draws produced by one jitted, vmapped call and compare within 5 standard errors
 per entry (standard errors estimated from the draws unless a closed form is used).
 """
@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
+from kpms_estimators._compat import enable_x64
 from kpms_estimators._core import arhmm, distributions
 from kpms_estimators._core import autoregressive as ar
 
@@ -80,7 +81,7 @@ def test_lagged_features_order():
     """Oldest lag first, then the constant 1 (spec 0.1), for a batch of segments."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 9, 3))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         out = np.asarray(ar.lagged_features(jnp.asarray(x), 3))
     assert out.shape == (2, 6, 10)
     for b in range(2):
@@ -92,7 +93,7 @@ def test_make_ar_prior_is_random_walk():
     rng = np.random.default_rng(1)
     P, L = 3, 2
     x = rng.normal(size=(7, P))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         prior = ar.make_ar_prior(P, L, 0.01, 10.0, jnp.float64)
         M_0 = np.asarray(prior.M_0)
         assert prior.M_0.dtype == jnp.float64
@@ -110,7 +111,7 @@ def test_ar_log_likelihoods_match_scipy():
     x = rng.normal(size=(2, T, P))
     Ab = rng.normal(scale=0.5, size=(S, P, L * P + 1))
     Q = np.stack([random_spd(rng, P, 0.3) for _ in range(S)])
-    with jax.enable_x64(True):
+    with enable_x64(True):
         out = ar.ar_log_likelihoods(jnp.asarray(x), ar.ARParams(jnp.asarray(Ab), jnp.asarray(Q)))
         assert out.dtype == jnp.float64
         out = np.asarray(out)
@@ -128,7 +129,7 @@ def test_ar_path_and_time_major_log_likelihoods_match_scipy():
     z = rng.integers(0, S, size=(2, T - L))
     Ab = rng.normal(scale=0.5, size=(S, P, L * P + 1))
     Q = np.stack([random_spd(rng, P, 0.3) for _ in range(S)])
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params = ar.ARParams(jnp.asarray(Ab), jnp.asarray(Q))
         path = np.asarray(ar.ar_path_log_likelihoods(jnp.asarray(x), jnp.asarray(z, jnp.int32), params))
         both = [np.asarray(ar.ar_log_likelihoods(jnp.asarray(x), params, time_major=tm)) for tm in (False, True)]
@@ -164,7 +165,7 @@ def test_ar_sufficient_stats_match_loop(chunk, monkeypatch):
                 yx[k] += np.outer(x[b, t], xbar[t - L])
                 yy[k] += np.outer(x[b, t], x[b, t])
                 n[k] += 1
-    with jax.enable_x64(True):
+    with enable_x64(True):
         st = ar.ar_sufficient_stats(jnp.asarray(x), jnp.asarray(z, jnp.int32), jnp.asarray(mask), S, L)
         np.testing.assert_allclose(np.asarray(st.xx), xx, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(np.asarray(st.yx), yx, rtol=1e-12, atol=1e-12)
@@ -216,7 +217,7 @@ def test_mniw_posterior_matches_numpy():
     rng = np.random.default_rng(4)
     S, P, L = 3, 2, 2
     stats_np, prior_np = _random_stats_and_prior(rng, S, P, L, [60, 7, 0])
-    with jax.enable_x64(True):
+    with enable_x64(True):
         st, pr = _to_jax(stats_np, prior_np)
         nun, Sn, Mn, Kn = (np.asarray(a) for a in ar.mniw_posterior(st, pr))
     for k in range(S):
@@ -261,7 +262,7 @@ def test_sample_ar_params_moments():
     rng = np.random.default_rng(5)
     S, P, L = 2, 2, 2
     stats_np, prior_np = _random_stats_and_prior(rng, S, P, L, [50, 0], nu_extra=8.0)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         Ab, Q = _draw_ar_params(*_to_jax(stats_np, prior_np), seed=6)
     assert Ab.shape == (NUM_MC, S, P, L * P + 1) and Q.shape == (NUM_MC, S, P, P)
     assert np.all(np.isfinite(Ab)) and np.all(np.isfinite(Q))
@@ -287,7 +288,7 @@ def test_sample_ar_params_empty_state_reference_prior():
         index 1.5 law fluctuate like N^(-1/3) ~ 4 %, times a constant);
       * E[Ab] = M_0 within 5 standard errors (Ab has finite variance S_0 kron K_0)."""
     S, P, L = 2, 2, 2
-    with jax.enable_x64(True):
+    with enable_x64(True):
         prior = ar.make_ar_prior(P, L, 0.01, 10.0, jnp.float64)
         zeros = ar.ARStats(
             jnp.zeros((S, L * P + 1, L * P + 1)), jnp.zeros((S, P, L * P + 1)), jnp.zeros((S, P, P)), jnp.zeros(S)
@@ -318,7 +319,7 @@ def test_sample_inv_wishart_factor(extra_df):
     P = 3
     scale = random_spd(rng, P, 0.7)
     df = P + extra_df
-    with jax.enable_x64(True):
+    with enable_x64(True):
         keys = jax.random.split(jax.random.key(11), NUM_MC)
         G = np.asarray(_vmapped_iw_factor(keys, jnp.asarray(df), jnp.asarray(scale)))
     Q = G @ np.swapaxes(G, -1, -2)
@@ -345,7 +346,7 @@ def test_sample_mniw_matches_inputs():
     rng = np.random.default_rng(12)
     P, C = 2, 3
     df, scale, mean, col = P + 10.0, random_spd(rng, P), rng.normal(size=(P, C)), random_spd(rng, C, 0.5)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         keys = jax.random.split(jax.random.key(13), NUM_MC)
         out = _vmapped_mniw(keys, jnp.asarray(df), jnp.asarray(scale), jnp.asarray(mean), jnp.asarray(col))
         B, Q = (np.asarray(a) for a in out)
@@ -405,7 +406,7 @@ def test_gibbs_step_outputs_and_info_terms():
       "marginal" = sum_b log p(x_b) by a log-space forward recursion (padded frames
       contribute log-likelihood 0), "n_used" = number of states on real frames.
     Tolerance: relative 1e-9 (float64 rounding only)."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         x, mask, data, hypers, state, (B, T, P, L, S) = _arhmm_problem(jnp.float64)
         step = jax.jit(arhmm.gibbs_step)
         for seed in (16, 17):

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 from scipy.special import digamma, polygamma
 
+from kpms_estimators._compat import enable_x64
 from kpms_estimators._core import distributions as dist
 
 NUM = 40_000
@@ -32,7 +33,7 @@ def test_log_gamma_matches_scipy(shape, proposals, repair, first, rounds):
     (1 or 2 for every variate, then only the rejected ones redrawn: the per-frame
     scales' mode) and with ``round_proposals`` (rounds of 4 or 1 for every variate
     until all accept: pi's mode) it is exact too."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         key = jax.random.key(int(shape * 1000) % 997)
         draws = np.asarray(_log_gamma(key, jnp.full((NUM,), shape), num_proposals=proposals, repair=repair,
                                       first_proposals=first, round_proposals=rounds))
@@ -44,7 +45,7 @@ def test_log_gamma_matches_scipy(shape, proposals, repair, first, rounds):
 
 def test_uniforms_are_split_from_one_draw():
     """uniforms() returns arrays of the asked shapes, in [tiny, 1), not equal to each other."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         a, b = dist.uniforms(jax.random.key(0), (3, 4), (5,), dtype=jnp.float64)
     assert a.shape == (3, 4) and b.shape == (5,)
     both = np.concatenate([np.ravel(a), np.ravel(b)])
@@ -74,7 +75,7 @@ def test_log_gamma_compact_redraw_rounds_overflow(shape):
     40000 variates) the draws still match scipy's log-gamma law (KS p > 1e-3, mean within
     5 standard errors)."""
     draw = jax.jit(jax.vmap(lambda k, a: dist.sample_log_gamma(k, a, first_proposals=1), in_axes=(0, None)))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         keys = jax.random.split(jax.random.key(11), NUM // 8)
         draws = np.asarray(draw(keys, jnp.full((8,), shape))).ravel()
     assert np.all(np.isfinite(draws))
@@ -91,7 +92,7 @@ def test_log_gamma_two_uniform_compact_matches_scipy(shape, share):
     cap of 64: the compact loop's cap grows with the share). KS against
     scipy's log-gamma (p > 1e-3) and mean within 5 standard errors."""
     draw = jax.jit(lambda k, a: dist.sample_log_gamma(k, a, first_proposals=1, redraw_share=share, at_least_one=True))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         draws = np.asarray(draw(jax.random.key(share + int(10 * shape)), jnp.full((NUM,), shape)))
     assert np.all(np.isfinite(draws))
     assert stats.kstest(draws, stats.loggamma(c=shape).cdf).pvalue > 1e-3
@@ -106,7 +107,7 @@ def test_rejection_loops_end_on_nan_parameters(mode):
     other variates are unaffected and finite."""
     shapes = jnp.asarray([2.5, np.nan, 0.3, 40.0] * 8)
     draw = jax.jit(lambda k, a: dist.sample_log_gamma(k, a, **mode))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         out = np.asarray(draw(jax.random.key(0), shapes.astype(jnp.float64)))
     nan = np.isnan(np.asarray(shapes))
     assert np.all(np.isnan(out[nan]))

@@ -2,7 +2,7 @@
 
 Every reference value is computed here in plain NumPy/SciPy float64 by enumerating
 all S**T state paths of a tiny HMM (S = 3 states, T = 6 frames, 729 paths) with a
-uniform initial distribution. The core runs under ``jax.enable_x64(True)``.
+uniform initial distribution. The core runs under ``enable_x64(True)``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
+from kpms_estimators._compat import enable_x64
 from kpms_estimators._core import hmm
 
 NUM_STATES = 3
@@ -105,7 +106,7 @@ def test_forward_filter_and_smoother_match_brute_force(case):
     log-likelihoods in [-500, 0], which would underflow without per-frame scaling."""
     log_likes, trans = _problem(**CASES[case])
     ref = BruteForce(log_likes, trans)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         ll, pi = jnp.asarray(log_likes), jnp.asarray(trans)
         filt = hmm.forward_filter(ll, pi)
         smoothed = hmm.smoothed_probs(ll, pi)
@@ -126,7 +127,7 @@ def test_padding_frames_follow_the_transitions():
     expected = [np.full(NUM_STATES, 1.0 / NUM_STATES)]
     for _ in range(NUM_FRAMES - 1):
         expected.append(expected[-1] @ trans)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         filt = hmm.forward_filter(jnp.zeros((NUM_FRAMES, NUM_STATES)), jnp.asarray(trans))
         np.testing.assert_allclose(np.asarray(filt.filtered_probs), np.stack(expected), rtol=0, atol=1e-12)
         np.testing.assert_allclose(np.asarray(filt.log_normalizers), 0.0, rtol=0, atol=1e-12)
@@ -139,7 +140,7 @@ def test_zero_transition_probabilities():
     log_likes, _ = _problem(seed=5)
     trans = np.array([[0.7, 0.3, 0.0], [0.0, 0.6, 0.4], [0.5, 0.0, 0.5]])
     ref = BruteForce(log_likes, trans)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         ll, pi = jnp.asarray(log_likes), jnp.asarray(trans)
         filt = hmm.forward_filter(ll, pi)
         np.testing.assert_allclose(np.asarray(filt.filtered_probs), ref.filtered(), rtol=0, atol=ATOL)
@@ -165,7 +166,7 @@ def test_float32_large_magnitude_is_finite_and_close():
 # Monte Carlo: backward sampling
 # --------------------------------------------------------------------------- #
 def _draw_paths(log_likes, trans, seed, use_sample_states):
-    with jax.enable_x64(True):
+    with enable_x64(True):
         ll, pi = jnp.asarray(log_likes), jnp.asarray(trans)
         keys = jax.random.split(jax.random.key(seed), NUM_PATHS)
         if use_sample_states:
@@ -243,7 +244,7 @@ def test_categorical_inversion_matches_the_cumulative_sum(num):
     if num >= 17:
         weights[5:10] = 0.0  # a whole block of 5 (size ceil(sqrt(17)) = 5)
     u = np.concatenate([rng.uniform(size=4000), [0.0, 1.0 - 2.0**-53]])
-    with jax.enable_x64(True):
+    with enable_x64(True):
         draw = jax.jit(jax.vmap(hmm._categorical_from_uniform, in_axes=(0, None)))
         got = np.asarray(draw(jnp.asarray(u), jnp.asarray(weights)))
     cdf = np.cumsum(weights)
@@ -253,7 +254,7 @@ def test_categorical_inversion_matches_the_cumulative_sum(num):
     assert np.all(weights[got] > 0)
     # frequencies match the normalised weights (chi-square on 20000 uniforms)
     u = rng.uniform(size=20_000)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         counts = np.bincount(np.asarray(draw(jnp.asarray(u), jnp.asarray(weights))), minlength=num)
     support = weights > 0
     if support.sum() > 1:

@@ -4,7 +4,7 @@ Every reference is built here in plain NumPy float64 from the generative
 description alone: the joint Gaussian of the whole lifted trajectory (prior,
 transitions with the 0.01 copy noise and the padded-source rule, emissions with
 the prior-conditioning frames and padded-frame variance 10), conditioned on the
-observations by dense linear algebra. The core runs under ``jax.enable_x64(True)``.
+observations by dense linear algebra. The core runs under ``enable_x64(True)``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from kpms_estimators._compat import enable_x64
 from kpms_estimators._core import kalman
 
 NUM_DRAWS = 20_000
@@ -180,7 +181,7 @@ def test_latent_x_matches_dense_posterior(n_lags, pad):
     Gaussian sample-covariance estimator); the log-normaliser is the dense log evidence."""
     problem = _problem(seed=10 + n_lags, num_lags=n_lags, pad=pad)
     mean, cov, _, _, log_evidence = dense_latent_posterior(**problem)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         x, log_norm = _draw_latent(problem)
     assert x.shape == (NUM_DRAWS, problem["ytil"].shape[0] * problem["Ab"].shape[1])
     assert_moments(x, mean, cov)
@@ -193,7 +194,7 @@ def test_parallel_sampler_matches_serial(n_lags):
     without jitter) and returns the serial log-normaliser."""
     problem = _problem(seed=20 + n_lags, num_lags=n_lags)
     mean, cov, post_lifted, select, _ = dense_latent_posterior(**problem)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         x_par, log_par = _draw_latent(problem, parallel=True, seed=2)
         _, log_ser = _draw_latent(problem, parallel=False, seed=3)
         x_jit, _ = _draw_latent(problem, parallel=True, jitter=0.05, seed=4)
@@ -208,18 +209,20 @@ def test_blocked_backward_pass_gives_the_same_draws(monkeypatch, block):
     """The serial sampler's backward pass in blocks of ``block`` steps (N = 9 here: blocks that
     divide N, that don't, so the first block overlaps the next, and single steps) draws exactly
     what one block of all steps draws, for the same key, with jitter and padding."""
-    problem = _as_jax(_problem(seed=31, num_lags=3))
     key = jax.random.key(7)
 
-    def draw():
+    def draw(problem):
         fun = jax.jit(lambda k, p: kalman.sample_latent_x(k, **p, jitter=jnp.asarray(0.05)))
         return np.asarray(fun(key, problem)[0])
 
-    with jax.enable_x64(True):
-        whole = draw()
+    with enable_x64(True):
+        # the arrays are made inside the block: made outside they would be float32 (jax 0.6.2's
+        # float32 draws differed between blockings by ~3e-8, below any float64 tolerance)
+        problem = _as_jax(_problem(seed=31, num_lags=3))
+        whole = draw(problem)
         monkeypatch.setattr(kalman, "BACKWARD_BLOCK", block)
-        blocked = draw()
-    assert np.all(np.isfinite(whole))
+        blocked = draw(problem)
+    assert whole.dtype == np.float64 and np.all(np.isfinite(whole))
     np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-12)
 
 
@@ -233,7 +236,7 @@ def test_jitter_inflates_backward_conditionals():
     inflated = cov + select @ jitter_inflation(post_lifted, 2 * problem["Ab"].shape[1], jitter) @ select.T
     se = np.sqrt(2 * np.diag(cov) ** 2 / NUM_DRAWS)
     assert np.max((np.diag(inflated) - np.diag(cov)) / se) > 20
-    with jax.enable_x64(True):
+    with enable_x64(True):
         x, _ = _draw_latent(problem, jitter=jitter, seed=5)
     assert np.all(np.isfinite(x))
     assert_moments(x, mean, inflated)
@@ -253,7 +256,7 @@ def test_random_walk_matches_dense(parallel):
     obs_mean = rng.normal(0, 2.0, (num_frames, dim))
     obs_var = np.where(mask > 0, rng.uniform(0.1, 1.0, num_frames), 5.0)
     mean, cov = dense_random_walk_posterior(obs_mean, obs_var, mask, sigmasq_loc, prior_var)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         draw = jax.jit(
             jax.vmap(
                 lambda key: kalman.sample_random_walk(
@@ -300,7 +303,7 @@ def test_vmap_over_segments_shapes_dtypes_and_one_trace():
         v = jax.vmap(_walk)(keys, per_segment)
         return x, log_norm, v
 
-    with jax.enable_x64(True):
+    with enable_x64(True):
         per_segment, shared = _segments()
         x, log_norm, v = sweep(jax.random.key(0), per_segment, shared, 1e-3)
         per_segment["ytil"] = per_segment["ytil"] + 1.0

@@ -5,7 +5,7 @@ Every reference here is computed independently in NumPy/SciPy float64: explicit
 conditional evaluated numerically from the full Gaussian likelihood on a fine
 grid, and the conjugate closed forms (scipy.stats.invgamma / vonmises / norm) for
 the scale and heading samplers and the log-likelihood terms. The core runs under
-``jax.enable_x64(True)``.
+``enable_x64(True)``.
 
 Monte Carlo bounds: a Kolmogorov-Smirnov statistic below 1.95/sqrt(n) (the
 asymptotic p = 0.001 critical value) plus the grid error, or a scipy KS p-value
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from kpms_estimators._compat import enable_x64
 from kpms_estimators._core import keypoints as kp
 
 NUM = 40_000
@@ -112,14 +113,14 @@ def test_rotate_matches_rotation_matrices(num_dims):
     rng = np.random.default_rng(num_dims)
     points = rng.normal(size=(2, 6, 4, num_dims))
     h = rng.uniform(-4, 4, size=(2, 6))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         out = np.asarray(kp.rotate(jnp.asarray(points), jnp.asarray(h)))
     for idx in np.ndindex(2, 6):
         np.testing.assert_allclose(out[idx][:, :2], points[idx][:, :2] @ np_rotation(h[idx]).T, atol=1e-12)
         if num_dims == 3:
             np.testing.assert_array_equal(out[idx][:, 2], points[idx][:, 2])
     # R(h) R(-h) = I and rotation preserves norms of the (x, y) part
-    with jax.enable_x64(True):
+    with enable_x64(True):
         back = np.asarray(kp.rotate(jnp.asarray(out), jnp.asarray(-h)))
     np.testing.assert_allclose(back, points, atol=1e-12)
 
@@ -130,7 +131,7 @@ def test_aligned_prediction_and_lifted_emission(num_dims):
     kron(Gamma, I_D) (C, d); world_prediction = R(h) yhat + v."""
     rng = np.random.default_rng(10 + num_dims)
     p = problem(rng, num_dims, lead=(3, 8))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         yhat = np.asarray(kp.aligned_prediction(jnp.asarray(p["x"]), jnp.asarray(p["Cd"]), jnp.asarray(p["gamma"])))
         Ct, dt = kp.lifted_emission(jnp.asarray(p["Cd"]), jnp.asarray(p["gamma"]), num_dims)
         world = kp.world_prediction(*(jnp.asarray(p[n]) for n in ("x", "h", "v", "Cd", "gamma")))
@@ -150,7 +151,7 @@ def test_aligned_prediction_and_lifted_emission(num_dims):
 def test_squared_errors(num_dims):
     """e_tk = ||y_tk - (R(h_t) yhat_tk + v_t)||^2 against the numpy loop."""
     p = problem(np.random.default_rng(20 + num_dims), num_dims, lead=(2, 9))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         e = kp.squared_errors(*(jnp.asarray(p[n]) for n in ("Y", "x", "h", "v", "Cd", "gamma")))
     ref = np.sum((p["Y"] - np_world(p["x"], p["h"], p["v"], p["Cd"], p["gamma"], num_dims)) ** 2, axis=-1)
     np.testing.assert_allclose(np.asarray(e), ref, rtol=1e-12)
@@ -166,7 +167,7 @@ def test_von_mises_matches_scipy(kappa):
     rng = np.random.default_rng(int(kappa * 10) % 1000)
     mean = rng.uniform(-np.pi, np.pi, NUM)
     mean[:4] = [np.pi, -np.pi, 0.0, 3.14]
-    with jax.enable_x64(True):
+    with enable_x64(True):
         h = np.asarray(_von_mises(jax.random.key(int(kappa * 7) % 991), jnp.asarray(mean), jnp.full(NUM, kappa)))
     assert np.all(h > -np.pi) and np.all(h <= np.pi)
     dev = wrap(h - mean)
@@ -183,7 +184,7 @@ def test_von_mises_zero_concentration_is_uniform(kappa):
     whatever the mean. Regression: 1e-8 <= kappa < ~1.5e-8 used to return the mean
     itself (the Best-Fisher constant rho cancelled to 0)."""
     mean = np.full(NUM, 1.0)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         h = np.asarray(_von_mises(jax.random.key(3), jnp.asarray(mean), jnp.full(NUM, kappa)))
     assert np.all(h > -np.pi) and np.all(h <= np.pi)
     assert stats.kstest(h, stats.uniform(-np.pi, 2 * np.pi).cdf).pvalue > 1e-3
@@ -193,7 +194,7 @@ def test_von_mises_zero_concentration_is_uniform(kappa):
 def test_wrap_angle():
     """wrap_angle maps to (-pi, pi] and differs from the input by a multiple of 2 pi."""
     a = np.concatenate([np.random.default_rng(0).uniform(-30, 30, 1000), [np.pi, -np.pi, 3 * np.pi, 0.0, 2 * np.pi]])
-    with jax.enable_x64(True):
+    with enable_x64(True):
         w = np.asarray(kp.wrap_angle(jnp.asarray(a)))
     assert np.all(w > -np.pi) and np.all(w <= np.pi)
     np.testing.assert_allclose(np.cos(w - a), 1.0, atol=1e-12)
@@ -249,7 +250,7 @@ def test_sample_heading_matches_numerical_conditional(num_dims, kappa_target):
     def tile(a):
         return jnp.asarray(np.broadcast_to(a, (NUM,) + np.shape(a)).copy())
 
-    with jax.enable_x64(True):
+    with enable_x64(True):
         h = _sample_heading(
             jax.random.key(int(kappa_target) + num_dims),
             tile(one["Y"]), tile(one["x"]), tile(one["v"]), tile(one["s"]),
@@ -269,7 +270,7 @@ def test_heading_concentration_matches_likelihood_shape():
     """(kc, ks) are the cos/sin coefficients of the exact log-likelihood in h, frame by
     frame (masked frames too): log p(h) - log p(h') = kc (cos h - cos h') + ks (sin h - sin h')."""
     p = problem(np.random.default_rng(5), 3, lead=(2, 6))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         kc, ks = kp.heading_concentration(*(jnp.asarray(p[n]) for n in ("Y", "x", "v", "s", "sigmasq", "Cd", "gamma")))
     kc, ks = np.asarray(kc), np.asarray(ks)
     for idx in np.ndindex(2, 6):
@@ -293,7 +294,7 @@ def test_centroid_pseudo_obs(num_dims):
     (numpy loop); padded frames get g = 10 max(sigmasq) (spec 4.4). Also the product of
     the K Gaussians in v equals N(mu, g I) up to a constant in v."""
     p = problem(np.random.default_rng(30 + num_dims), num_dims, lead=(2, 7))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         mu, g = kp.centroid_pseudo_obs(*(jnp.asarray(p[n]) for n in ("Y", "x", "h", "s", "sigmasq", "mask", "Cd", "gamma")))
     mu, g = np.asarray(mu), np.asarray(g)
     for idx in np.ndindex(2, 7):
@@ -337,7 +338,7 @@ def test_sample_local_scales_matches_invgamma(dof):
     s0 = np.array([3.16, 0.5, 1e3])
     sigmasq = np.array([1.0, 0.3, 2.0])
     errors = np.broadcast_to(e, (NUM, 3)).copy()
-    with jax.enable_x64(True):
+    with enable_x64(True):
         draws = _sample_local_scales(jax.random.key(dof), jnp.asarray(errors), jnp.asarray(s0), jnp.asarray(sigmasq), nu_s, dof)
     draws = np.asarray(draws)
     assert draws.shape == (NUM, 3)
@@ -372,7 +373,7 @@ def test_sample_global_scales_matches_closed_form(dof):
                 sse += errors[b, t] / s[b, t]
     degs = nu_sigma + dof * n_valid
     keys = jax.random.split(jax.random.key(dof), NUM)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         draws = _vmapped_global_scales(keys, jnp.asarray(errors), jnp.asarray(s), jnp.asarray(mask), nu_sigma, sigmasq_0, dof)
     draws = np.asarray(draws)
     assert draws.shape == (NUM, K)
@@ -395,7 +396,7 @@ def test_emission_log_likelihood(num_dims):
     errors = np.sum((p["Y"] - world) ** 2, axis=-1)
     sd = np.sqrt(p["s"] * p["sigmasq"])[..., None]
     ref = np.sum(p["mask"][..., None, None] * stats.norm.logpdf(p["Y"], loc=world, scale=sd))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         ll = kp.emission_log_likelihood(jnp.asarray(errors), jnp.asarray(p["s"]), jnp.asarray(p["sigmasq"]), jnp.asarray(p["mask"]), num_dims)
         ll_bool = kp.emission_log_likelihood(jnp.asarray(errors), jnp.asarray(p["s"]), jnp.asarray(p["sigmasq"]), jnp.asarray(p["mask"] > 0), num_dims)
     np.testing.assert_allclose(float(ll), ref, rtol=1e-12)
@@ -415,7 +416,7 @@ def test_scale_log_prior():
     for b, t, k in np.ndindex(2, 7, 5):
         if mask[b, t]:
             ref += -nu_s * s0[b, t, k] / (2 * s_a[b, t, k]) - (1 + nu_s / 2) * np.log(s_a[b, t, k])
-    with jax.enable_x64(True):
+    with enable_x64(True):
         lp_a = float(kp.scale_log_prior(jnp.asarray(s_a), jnp.asarray(s0), nu_s, jnp.asarray(mask)))
         lp_b = float(kp.scale_log_prior(jnp.asarray(s_b), jnp.asarray(s0), nu_s, jnp.asarray(mask)))
     np.testing.assert_allclose(lp_a, ref, rtol=1e-12)
@@ -439,6 +440,6 @@ def test_centroid_log_prior(num_dims):
         for t in range(1, 8):
             if mask[b, t]:
                 ref += np.sum(stats.norm.logpdf(v[b, t], loc=v[b, t - 1], scale=np.sqrt(sigmasq_loc)))
-    with jax.enable_x64(True):
+    with enable_x64(True):
         lp = kp.centroid_log_prior(jnp.asarray(v), jnp.asarray(mask), sigmasq_loc)
     np.testing.assert_allclose(float(lp), ref, rtol=1e-12)

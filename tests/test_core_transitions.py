@@ -3,7 +3,7 @@
 Reference values are computed here in NumPy/SciPy float64: explicit loops for the
 counts, exact probability mass functions (by convolution) and closed-form moments
 for the sums of Bernoullis, and Dirichlet moments in closed form. The core runs
-under ``jax.enable_x64(True)`` unless a test says otherwise.
+under ``enable_x64(True)`` unless a test says otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy.special import digamma, polygamma
 
+from kpms_estimators._compat import enable_x64
 from kpms_estimators._core import transitions as tr
 
 NUM_MC = 20_000
@@ -83,7 +84,7 @@ def test_transition_counts_matches_loop():
         for t in range(1, length):
             if mask[b, t]:
                 expected[z[b, t - 1], z[b, t]] += 1
-    with jax.enable_x64(True):
+    with enable_x64(True):
         counts = tr.transition_counts(jnp.asarray(z, jnp.int32), jnp.asarray(mask), num_states)
         np.testing.assert_array_equal(np.asarray(counts), expected)
         # a boolean mask gives the same counts
@@ -97,7 +98,7 @@ def test_transition_counts_matches_loop():
 # sample_table_counts (exact, one Bernoulli per observed transition)
 # --------------------------------------------------------------------------- #
 def _draw_table_counts(counts, betas, alpha, kappa, num, seed, pad=0):
-    with jax.enable_x64(True):
+    with enable_x64(True):
         keys = jax.random.split(jax.random.key(seed), num)
         pairs = jnp.asarray(pairs_from_counts(np.asarray(counts), pad))
         m = _vmapped_table_counts(keys, pairs, jnp.asarray(betas, jnp.float64), alpha, kappa)
@@ -167,7 +168,7 @@ def test_table_counts_zero_counts():
 def test_transition_pairs_and_counts_agree():
     """transition_pairs drops masked destinations; counts_from_pairs inverts pairs_from_counts."""
     counts = np.array([[3, 1], [0, 2]])
-    with jax.enable_x64(True):
+    with enable_x64(True):
         np.testing.assert_array_equal(
             np.asarray(tr.counts_from_pairs(jnp.asarray(pairs_from_counts(counts, pad=5)), 2)), counts
         )
@@ -202,7 +203,7 @@ def test_sample_betas_dirichlet_moments():
     gamma = 3.0
     table_counts = np.array([[4, 0, 1, 0], [2, 7, 0, 0], [0, 1, 0, 0], [1, 0, 0, 2]])
     conc = gamma / 4 + table_counts.sum(axis=0)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         keys = jax.random.split(jax.random.key(5), NUM_MC)
         samples = _vmapped_betas(keys, jnp.asarray(table_counts, jnp.int32), gamma, jnp.float64)
         assert samples.dtype == jnp.float64
@@ -216,7 +217,7 @@ def test_sample_pi_dirichlet_moments():
     betas = np.array([0.4, 0.3, 0.2, 0.1])
     counts = np.array([[10, 2, 0, 1], [0, 3, 1, 0], [4, 4, 4, 0], [0, 0, 0, 0]])
     conc = counts + alpha * betas[None, :] + kappa * np.eye(4)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         keys = jax.random.split(jax.random.key(6), NUM_MC)
         samples = np.asarray(_vmapped_pi(keys, jnp.asarray(counts, jnp.int32), jnp.asarray(betas), alpha, kappa))
     for j in range(4):
@@ -236,7 +237,7 @@ def test_sample_pi_extreme_sticky_rows():
     betas = ab / alpha
     counts = np.zeros((4, 4), dtype=np.int64)
     conc = alpha * betas[None, :] + kappa * np.eye(4)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         keys = jax.random.split(jax.random.key(7), NUM_MC)
         samples = np.asarray(_vmapped_pi(keys, jnp.asarray(counts, jnp.int32), jnp.asarray(betas), alpha, kappa))
     assert not np.any(np.isnan(samples))
@@ -259,7 +260,7 @@ def test_init_transitions_float64():
     """Prior draw with the reference defaults (S = 100, alpha 5.7, gamma 1e3,
     kappa 1e6): betas and pi rows sum to 1, every entry strictly positive (the
     float32-tiny smoothing of spec 2.5.3), finite, float64, and pi strongly sticky."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params = _init_transitions(jax.random.key(8), 100, 5.7, 1e3, 1e6, jnp.float64)
         betas, pi = np.asarray(params.betas), np.asarray(params.pi)
         assert params.pi.dtype == jnp.float64

@@ -42,6 +42,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from .. import _data
+from .._compat import enable_x64
 
 
 @contextmanager
@@ -53,7 +54,7 @@ def float64():
     many frames; float64 keeps both exact (model spec 12.1, 12.3). Scoped, so that
     importing this package never changes JAX's global precision.
     """
-    with jax.enable_x64(True):
+    with enable_x64(True):
         yield
 
 

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._compat import enable_x64
+
 
 #: At most this many host threads (lanes of windows) by default.
 MAX_SEGMENT_THREADS = 8
@@ -211,7 +213,7 @@ def side_by_side(fn, spans: list[tuple[int, int]], *args, consume=None, **static
     lanes = max(1, min(segment_threads(), len(spans)))
 
     def lane(indices):
-        with jax.enable_x64(x64):
+        with enable_x64(x64):
             return [run(i) for i in indices]
 
     indices = list(range(len(spans)))
