@@ -87,6 +87,12 @@ def plan(quick: bool, real_dir: Path = REAL_DIR):
     return rows
 
 
+def interpreter(name: str) -> str:
+    """An interpreter argument as the workers need it: they run in ``benchmarks/``, so a relative
+    path (``.venv-x/bin/python``) is made absolute here; a bare name stays a ``PATH`` lookup."""
+    return str(Path(name).absolute()) if os.sep in name else name
+
+
 def ensure_reference(python=None) -> Path:
     """The reference's python (``python``, or the venv's, installing it on first use); exits non-zero
     if that fails or the reference does not import there."""
@@ -173,10 +179,10 @@ def main():
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run ours and the reference (seed 0) N times each, alternating, and report the medians "
                              "(on a shared VM one run of either side can be 25%% off its median)")
-    parser.add_argument("--reference-python", default=None, metavar="PYTHON",
+    parser.add_argument("--reference-python", default=None, metavar="PYTHON", type=interpreter,
                         help="run the reference with this interpreter instead of benchmarks/.reference-venv (e.g. a "
                              "machine where it was installed from carried wheels; see gpu_quick.sh)")
-    parser.add_argument("--ours-python", default=sys.executable, metavar="PYTHON",
+    parser.add_argument("--ours-python", default=sys.executable, metavar="PYTHON", type=interpreter,
                         help="run kpms_estimators with this interpreter (default: this one)")
     parser.add_argument("--ours-only", action="store_true",
                         help="run only kpms_estimators (no reference, hence no ratios): e.g. where the reference "
