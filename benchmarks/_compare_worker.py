@@ -112,6 +112,7 @@ class Ours:
             posterior_idxs=[bodyparts.index(p) for p in posterior],
             trans_hypparams={"num_states": s["n_states"], "kappa": s["ar_kappa"]},
             ar_hypparams={"latent_dim": s["latent_dim"], "nlags": s["n_lags"]},
+            reference_compat=s.get("reference_compat", False),
         )
         return data, metadata, model
 

@@ -219,7 +219,8 @@ def _from_model(model: dict):
 def init_model(data=None, states=None, params=None, hypparams=None, noise_prior=None, seed=0, pca=None,
                anterior_idxs=None, posterior_idxs=None, location_aware=False, allo_hypparams=None,
                trans_hypparams=None, ar_hypparams=None, obs_hypparams=None, cen_hypparams=None,
-               error_estimator=None, conf_threshold=0.5, fix_heading=False, verbose=False, **kwargs) -> dict:
+               error_estimator=None, conf_threshold=0.5, fix_heading=False, verbose=False, reference_compat=False,
+               **kwargs) -> dict:
     """Initialise a keypoint SLDS on formatted ``data`` (spec 2): PCA, alignment, starting states.
 
     ``hypparams`` (a dict of the four groups) overrides the group arguments.
@@ -227,6 +228,10 @@ def init_model(data=None, states=None, params=None, hypparams=None, noise_prior=
     ``apply_model`` does) skips the PCA and initialises states under those
     parameters. ``pca``: a PCA from :func:`fit_pca` (or any fitted sklearn PCA on the same
     embedded poses); by default one is fitted here on confident frames (spec 2.3).
+    ``reference_compat=True`` uses keypoint-MoSeq's hard-coded 3 coordinates per keypoint in the
+    noise-scale updates (s, sigmasq) instead of the data's dimension (spec 4.5-4.6): for 2D data
+    that reproduces the reference's model rather than the exact conditional; the model dict keeps
+    the choice for ``fit_model`` and ``apply_model``.
     """
     if allo_hypparams is not None and not location_aware:
         raise ValueError("allo_hypparams are for the location-aware model: pass location_aware=True as well.")
@@ -247,7 +252,8 @@ def init_model(data=None, states=None, params=None, hypparams=None, noise_prior=
         extra = dict(allo_hypparams or {})
     est = cls(**_estimator_kwargs(trans_hypparams, ar_hypparams, obs_hypparams, cen_hypparams,
                                   error_estimator, conf_threshold, fix_heading),
-              **extra, anterior_keypoints=anterior_idxs, posterior_keypoints=posterior_idxs, verbose=verbose)
+              **extra, anterior_keypoints=anterior_idxs, posterior_keypoints=posterior_idxs, verbose=verbose,
+              reference_compat=bool(reference_compat))
     n_kp = np.asarray(data["Y"]).shape[2]
     names = [f"kp{k}" for k in range(n_kp)]
     est._anterior_ = est._keypoint_positions(anterior_idxs, names, 0, "anterior")

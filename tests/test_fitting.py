@@ -79,6 +79,23 @@ def test_api_equals_estimator(formatted):
     np.testing.assert_allclose(model["states"]["x"], est.chain_state_.x, rtol=0, atol=0)
 
 
+def test_reference_compat_is_used_and_kept(formatted):
+    """init_model(reference_compat=True): the reference's 3 coordinates per keypoint in the s draw
+    (2D data: chi2(nu_s + 3) instead of chi2(nu_s + 2), so smaller scales, about 5/6 on average
+    at nu_s = 5), and the choice stays with the model through fit_model."""
+    _, data, metadata = formatted
+    exact = fitting.init_model(data, seed=0, **HYP)
+    compat = fitting.init_model(data, seed=0, reference_compat=True, **HYP)
+    assert exact["estimator"]["params"]["reference_compat"] is False
+    assert compat["estimator"]["params"]["reference_compat"] is True
+    np.testing.assert_array_equal(compat["states"]["x"], exact["states"]["x"])
+    mask = data["mask"] > 0
+    ratio = compat["states"]["s"][mask].mean() / exact["states"]["s"][mask].mean()
+    assert 0.75 < ratio < 0.92, ratio
+    compat, _ = fitting.fit_model(compat, data, metadata, num_iters=1)
+    assert compat["estimator"]["params"]["reference_compat"] is True
+
+
 def test_apply_and_marginals(formatted, tmp_path):
     _, data, metadata = formatted
     model = fitting.init_model(data, seed=0, **HYP)
