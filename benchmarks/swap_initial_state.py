@@ -4,7 +4,8 @@
     python benchmarks/swap_initial_state.py --data X.npz --seed 1 --sweeps 100
 
 Runs three AR-only chains on the same data and prints, after 1, 5, 10, 50, 100, 200 sweeps, the
-number of states used and the median syllable length (frames):
+number of states used and the median syllable length (frames), and keeps each chain's final labels
+in the JSON (``"final labels"``: own, swapped, reference), for ARIs across seeds:
 
 - ours from our own initialisation;
 - ours from the reference's initial state (its z0, pi, Ab and Q put into our functional-API
@@ -55,7 +56,7 @@ if start == "swapped":
 model = side.api.update_hypparams(model, kappa=settings["ar_kappa"])
 mask = np.asarray(data["mask"])[:, settings["n_lags"]:] > 0
 rows, done = [], 0
-for target in [c for c in json.loads(sys.argv[8]) if c <= n_sweeps]:
+for target in sorted({c for c in json.loads(sys.argv[8]) if c <= n_sweeps} | {n_sweeps}):
     model = side.fit(model, data, metadata, target - done, True)
     done = target
     z = np.asarray(model["states"]["z"])
@@ -67,6 +68,7 @@ for target in [c for c in json.loads(sys.argv[8]) if c <= n_sweeps]:
         lengths.extend(np.diff(np.concatenate([[0], cuts, [len(zb)]])).tolist())
     rows.append([done, len(used), float(np.median(lengths))])
 print("ROWS " + json.dumps(rows))
+print("LABELS " + json.dumps([int(v) for b in range(z.shape[0]) for v in z[b][mask[b]]]))
 """
 
 
@@ -85,7 +87,7 @@ def main():
     args.data = str(Path(args.data).resolve())
     reference_python = str(compare_reference.ensure_reference())
     settings = json.dumps(dict(compare_reference.COMMON, n_ar_iter=args.sweeps, n_iter=0))
-    report = {}
+    report, final_labels = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         dump = str(Path(tmp) / "reference_init.npz")
 
@@ -94,6 +96,9 @@ def main():
                    json.dumps(CHECKPOINTS)]
             out = subprocess.run(cmd, check=True, cwd=HERE, capture_output=True, text=True).stdout
             rows = [line for line in out.splitlines() if line.startswith("ROWS ")]
+            labels = [line for line in out.splitlines() if line.startswith("LABELS ")]
+            if labels:
+                final_labels[start] = json.loads(labels[-1][7:])
             return json.loads(rows[-1][5:]) if rows else None
 
         run(reference_python, "dump")
@@ -102,8 +107,10 @@ def main():
                                      ("reference, own init", reference_python, "reference")):
             report[label] = run(python, start)
             print(f"{label:34s} " + "  ".join(f"{n}: {u} states / {m:g}" for n, u, m in report[label]), flush=True)
-    out = compare_reference.RESULTS / f"swap_initial_state-{Path(args.data).stem}-{args.seed}.json"
-    out.write_text(json.dumps(report, indent=1))
+    report["final labels"] = final_labels  # labelled real frames of every segment, in order (for ARIs across seeds)
+    stem = f"swap_initial_state-{Path(args.data).stem}-{args.seed}" + (f"-{args.sweeps}" if args.sweeps != 200 else "")
+    out = compare_reference.RESULTS / f"{stem}.json"
+    out.write_text(json.dumps(report))
     print(f"written: {out}")
 
 

@@ -44,6 +44,7 @@ from ._estimators.keypoint_slds import KeypointSLDS
 __all__ = [
     "format_data", "init_model", "fit_model", "apply_model", "estimate_syllable_marginals",
     "update_hypparams", "load_checkpoint", "extract_results", "expected_marginal_likelihoods", "fit_pca",
+    "estimate_sigmasq_loc",
 ]
 
 #: model name -> (estimator class, parameter pytree, state pytree)
@@ -148,6 +149,26 @@ def fit_pca(Y, mask, anterior_idxs=None, posterior_idxs=None, conf=None, conf_th
         print(f"PCA fitted on {pca.n_samples_} frames; components explaining 90% of the variance: "
               f"{int(np.argmax(np.cumsum(pca.explained_variance_ratio_) > 0.9)) + 1}")
     return pca
+
+
+def estimate_sigmasq_loc(Y, mask, filter_size=30) -> float:
+    """The centroid random walk's variance from the data (spec 2.6): the squared mean frame-to-frame
+    step of the median-filtered (``filter_size`` frames, e.g. the config's ``fps``) keypoint-median
+    centroid, over the real frames of every segment.
+
+    Called as in keypoint-MoSeq's tutorial, ``estimate_sigmasq_loc(data["Y"], data["mask"],
+    filter_size=fps)`` on ``format_data``'s output, and passed on with
+    ``init_model(..., cen_hypparams={"sigmasq_loc": value})``; ``init_model`` estimates it this
+    way when no value is given (the reference uses its config's 0.5 then).
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    mask = np.asarray(mask)
+    if Y.ndim != 4 or mask.shape != Y.shape[:2]:
+        raise ValueError(f"estimate_sigmasq_loc needs Y of shape (segments, T, K, D) and mask (segments, T); got "
+                         f"{Y.shape} and {mask.shape}.")
+    if int(filter_size) < 1:
+        raise ValueError(f"filter_size must be a positive number of frames, got {filter_size!r}.")
+    return _init.estimate_sigmasq_loc(Y, mask, filter_size=int(filter_size))
 
 
 def _keypoint_indices(idxs, n_kp, default, name):

@@ -96,6 +96,21 @@ def test_reference_compat_is_used_and_kept(formatted):
     assert compat["estimator"]["params"]["reference_compat"] is True
 
 
+def test_estimate_sigmasq_loc_is_init_models_default(formatted):
+    """The tutorial's step (estimate, then pass it on) gives the same centroid variance as init_model's
+    own default, and bad shapes or filter sizes are named."""
+    _, data, _ = formatted
+    value = fitting.estimate_sigmasq_loc(data["Y"], data["mask"], filter_size=30)
+    model = fitting.init_model(data, seed=0, **HYP)
+    assert model["hypparams"]["cen_hypparams"]["sigmasq_loc"] == pytest.approx(value, rel=1e-12)
+    given = fitting.init_model(data, seed=0, cen_hypparams={"sigmasq_loc": 2.5 * value}, **HYP)
+    assert given["hypparams"]["cen_hypparams"]["sigmasq_loc"] == pytest.approx(2.5 * value, rel=1e-12)
+    with pytest.raises(ValueError, match=r"mask \(segments, T\); got \(2, 330, 10, 2\) and \(330,\)"):
+        fitting.estimate_sigmasq_loc(data["Y"], data["mask"][0])
+    with pytest.raises(ValueError, match="filter_size"):
+        fitting.estimate_sigmasq_loc(data["Y"], data["mask"], filter_size=0)
+
+
 def test_apply_and_marginals(formatted, tmp_path):
     _, data, metadata = formatted
     model = fitting.init_model(data, seed=0, **HYP)
