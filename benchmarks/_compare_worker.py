@@ -47,6 +47,7 @@ def main():
     start = time.perf_counter()
     data, metadata, model = side.init(coords, confs, bodyparts, anterior, posterior)
     result["init_s"] = time.perf_counter() - start
+    result["sigmasq_loc_own_estimate"] = side.own_sigmasq_loc(data)
 
     for stage_name, kappa, n_sweeps, ar_only in (
         ("ar_only", settings["ar_kappa"], settings["n_ar_iter"], True),
@@ -112,9 +113,14 @@ class Ours:
             posterior_idxs=[bodyparts.index(p) for p in posterior],
             trans_hypparams={"num_states": s["n_states"], "kappa": s["ar_kappa"]},
             ar_hypparams={"latent_dim": s["latent_dim"], "nlags": s["n_lags"]},
+            cen_hypparams={"sigmasq_loc": s["sigmasq_loc"]} if s.get("sigmasq_loc") else None,
             reference_compat=s.get("reference_compat", False),
         )
         return data, metadata, model
+
+    def own_sigmasq_loc(self, data):
+        """This implementation's estimate (recorded next to the value both sides were given)."""
+        return float(self.api.estimate_sigmasq_loc(data["Y"], data["mask"], filter_size=30))
 
     def fit(self, model, data, metadata, n_sweeps, ar_only):
         if n_sweeps <= 0:
@@ -154,12 +160,15 @@ class Reference:
                            video_dir=self.project, overwrite=True)
         kpms.update_config(self.project, anterior_bodyparts=anterior, posterior_bodyparts=posterior,
                            latent_dim=s["latent_dim"], num_states=s["n_states"], nlags=s["n_lags"],
-                           kappa=s["ar_kappa"])
+                           kappa=s["ar_kappa"], **({"sigmasq_loc": s["sigmasq_loc"]} if s.get("sigmasq_loc") else {}))
         self.config = kpms.load_config(self.project)
         data, metadata = self.format(coords, confs, bodyparts)
         pca = kpms.fit_pca(**data, **self.config)
         model = kpms.init_model(data, pca=pca, seed=jax.random.PRNGKey(s["seed"]), **self.config)
         return data, metadata, model
+
+    def own_sigmasq_loc(self, data):
+        return float(self.api.estimate_sigmasq_loc(data["Y"], data["mask"], filter_size=self.config["fps"]))
 
     def fit(self, model, data, metadata, n_sweeps, ar_only):
         if n_sweeps <= 0:

@@ -98,7 +98,8 @@ def main():
     cr.RESULTS.mkdir(exist_ok=True)
     data_path = bench_data.write_real(cr.RESULTS / f"real_{args.data}.npz", real_dir, args.data)
     n_ar, n_full = args.sweeps
-    settings = dict(cr.COMMON, n_ar_iter=n_ar, n_iter=n_full, n_apply_iter=0, marginals=None)
+    settings = dict(cr.COMMON, n_ar_iter=n_ar, n_iter=n_full, n_apply_iter=0, marginals=None,
+                    sigmasq_loc=bench_data.sigmasq_loc(data_path))
     base_tag = f"agreement-{args.data}-{n_ar}-{n_full}"
     tag = base_tag + ("-compat" if args.ours_reference_compat else "")
 

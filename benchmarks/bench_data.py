@@ -135,6 +135,21 @@ def write_real(path, real_dir, name):
     return Path(path)
 
 
+#: Frames of the centroid's median filter in ``sigmasq_loc``: the reference config's fps.
+FILTER_FRAMES = 30
+
+
+def sigmasq_loc(path) -> float:
+    """The centroid random walk's variance both implementations get for a dataset: the estimator
+    both have, ``estimate_sigmasq_loc(data["Y"], data["mask"], filter_size=fps)``, on the formatted
+    data (computed here with kpms_estimators; each worker also records its own estimate)."""
+    from kpms_estimators import fitting
+
+    names, bodyparts, _, _, coords, confs, _ = read(path)
+    data, _ = fitting.format_data(coords, confs, bodyparts=bodyparts, use_bodyparts=bodyparts)
+    return float(fitting.estimate_sigmasq_loc(data["Y"], data["mask"], filter_size=FILTER_FRAMES))
+
+
 def read(path):
     """(names, bodyparts, anterior, posterior, coords, confs, truth or None) from a benchmark ``.npz``."""
     f = np.load(path)

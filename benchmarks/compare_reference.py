@@ -210,6 +210,9 @@ def main():
             continue
         slug = name.replace(" ", "_")
         data_path = write(RESULTS / f"{slug}.npz")
+        # the same centroid random-walk variance on both sides (estimated from the data; without it
+        # the reference would use its config's 0.5 and ours its own estimate: two different models)
+        settings = dict(settings, sigmasq_loc=bench_data.sigmasq_loc(data_path))
         if write_new is not None:
             settings = dict(settings, new_data=str(write_new(RESULTS / f"{slug}_new.npz")))
         runs = {"ours": [], "reference": []}

@@ -156,8 +156,8 @@ def estimate_sigmasq_loc(Y, mask, filter_size=30) -> float:
     step of the median-filtered (``filter_size`` frames, e.g. the config's ``fps``) keypoint-median
     centroid, over the real frames of every segment.
 
-    Called as in keypoint-MoSeq's tutorial, ``estimate_sigmasq_loc(data["Y"], data["mask"],
-    filter_size=fps)`` on ``format_data``'s output, and passed on with
+    Same name and arguments as keypoint-MoSeq's estimator: ``estimate_sigmasq_loc(data["Y"],
+    data["mask"], filter_size=fps)`` on ``format_data``'s output, passed on with
     ``init_model(..., cen_hypparams={"sigmasq_loc": value})``; ``init_model`` estimates it this
     way when no value is given (the reference uses its config's 0.5 then).
     """
