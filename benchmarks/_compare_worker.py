@@ -107,10 +107,13 @@ class Ours:
     def init(self, coords, confs, bodyparts, anterior, posterior):
         s = self.settings
         data, metadata = self.format(coords, confs, bodyparts)
+        ends = dict(anterior_idxs=[bodyparts.index(a) for a in anterior],
+                    posterior_idxs=[bodyparts.index(p) for p in posterior])
+        # the reference's path (below): a standalone PCA on all valid frames, passed to init_model
+        # (init_model's own PCA leaves out frames with a low-confidence point: another PCA)
+        pca = self.api.fit_pca(**data, **ends)
         model = self.api.init_model(
-            data, seed=s["seed"],
-            anterior_idxs=[bodyparts.index(a) for a in anterior],
-            posterior_idxs=[bodyparts.index(p) for p in posterior],
+            data, seed=s["seed"], pca=pca, **ends,
             trans_hypparams={"num_states": s["n_states"], "kappa": s["ar_kappa"]},
             ar_hypparams={"latent_dim": s["latent_dim"], "nlags": s["n_lags"]},
             cen_hypparams={"sigmasq_loc": s["sigmasq_loc"]} if s.get("sigmasq_loc") else None,
